@@ -1,0 +1,56 @@
+# Two commands on a fresh machine:  make run   (the leaderboard)   and   make test   (tests + notebooks)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+export PYTHONHASHSEED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: install run test unit nbval notebooks lab lint benchmark pretrain clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m chapters.leaderboard
+
+# unit tests, then every notebook under nbval (outputs compared, volatile cells marked NBVAL_IGNORE_OUTPUT)
+test: unit nbval
+
+# pytest exits 5 when it collects no test: that is not a failure of the code under test
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+
+nbval: $(STAMP)
+	$(if $(NOTEBOOKS),$(BIN)/python -m pytest --nbval $(NOTEBOOKS) --sanitize-with notebooks/sanitize.cfg -q; \
+	  rc=$$?; test $$rc -eq 0 -o $$rc -eq 5,@echo "no notebooks")
+
+# re-execute every notebook in place (after a code change), on the CPU, as CI will
+notebooks: $(STAMP)
+	for nb in $(NOTEBOOKS); do \
+	  CUDA_VISIBLE_DEVICES= $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=600 $$nb || exit 1; done
+
+lab: $(STAMP)
+	$(BIN)/python -m pip install -q jupyterlab==4.6.6
+	$(BIN)/jupyter lab notebooks/
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+benchmark: $(STAMP)
+	$(BIN)/python -m minimal.benchmark
+
+pretrain: $(STAMP)
+	$(BIN)/python -m minimal.pretrain
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,127 @@
+"""The main job: every registered method fine-tunes the same shipped base on the same tasks.
+
+    python -m chapters.leaderboard                      # all methods, default tasks -> results/
+    python -m chapters.leaderboard --methods full lora  # a subset
+    python -m chapters.leaderboard --steps 50 --out /tmp/lb   # a quick look
+
+For each method and task: load `base`, apply the method, train with the shared loop (same steps, batch
+size and seed for everyone; the learning rate is the method's own, from the registry), evaluate on the
+task's test split. Writes results/leaderboard.md (method, trainable parameters and percent, the metric
+per task, seconds per step, peak memory), results/leaderboard.json, and results/leaderboard.png
+(metric against trainable parameters, log scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from chapters.registry import METHODS, Method, get_method
+from minimal.data import get_task, task_batch
+from minimal.peft import count_trainable
+from minimal.pretrained import load_base
+from minimal.train import TrainConfig, evaluate_task, train
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TASKS = ("sentiment", "family", "camel")
+DEFAULT = TrainConfig(steps=120, batch_size=16, warmup=10, log_every=0)
+MAX_TEST = 120  # test examples scored per task
+
+
+def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base") -> dict:
+    """Apply `method` to a fresh copy of the base, fine-tune on one task, evaluate on its test split."""
+    torch.manual_seed(cfg.seed)
+    model = load_base(base)
+    out = method.apply(model)
+    model, hooks = out if isinstance(out, tuple) else (model, out)
+    task = get_task(task_name)
+    counts = count_trainable(model)
+    row = {"method": method.name, "task": task_name, "trainable": counts.trainable, "total": counts.total,
+           "percent": counts.percent, "seconds_per_step": None, "peak_memory_mb": None}
+    if method.trains:
+        result = train(model, lambda g: task_batch(task, cfg.batch_size, model.config.block_size, g),
+                       replace(cfg, lr=method.lr), hooks=hooks, desc=f"{method.name}/{task_name}")
+        row.update(seconds_per_step=result.seconds_per_step, peak_memory_mb=result.peak_memory_bytes / 2**20,
+                   final_loss=result.final_loss)
+    metrics = evaluate_task(model, task, "test", max_examples=MAX_TEST)
+    row["metric"], row["score"] = next(iter(metrics.items()))
+    return row
+
+
+def table(rows: list[dict], tasks: list[str]) -> str:
+    """Markdown: one line per method, one column per task."""
+    head = "| method | chapter | trainable | % | " + " | ".join(tasks) + " | s/step | peak MB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = {r["task"]: r for r in rows if r["method"] == name}
+        first = next(iter(mine.values()))
+        steps = [r["seconds_per_step"] for r in mine.values() if r["seconds_per_step"] is not None]
+        mem = [r["peak_memory_mb"] for r in mine.values() if r["peak_memory_mb"] is not None]
+        cells = [f"{mine[t]['score']:.3f}" if t in mine else "" for t in tasks]
+        speed = f"{sum(steps) / len(steps):.3f} | {max(mem):.1f}" if steps else "- | -"
+        lines.append(f"| {name} | {get_method(name).chapter} | {first['trainable']:,} | {first['percent']:.3f} | "
+                     + " | ".join(cells) + f" | {speed} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task):
+            x = max(r["trainable"], 1)
+            ax.scatter(x, r["score"])
+            ax.annotate(r["method"], (x, r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (zero-shot drawn at 1)")
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(task)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=None, help=f"default: all of {sorted(METHODS)}")
+    parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS))
+    parser.add_argument("--steps", type=int, default=DEFAULT.steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    args = parser.parse_args(argv)
+    methods = [get_method(m) for m in (args.methods or METHODS)]
+    for t in args.tasks:
+        get_task(t)  # fail early on an unknown task name
+    cfg = replace(DEFAULT, steps=args.steps, seed=args.seed, warmup=min(DEFAULT.warmup, args.steps))
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows, t0 = [], time.perf_counter()
+    for i, method in enumerate(methods):
+        for task in args.tasks:
+            row = run_one(method, task, cfg)
+            rows.append(row)
+            print(f"[{i + 1}/{len(methods)}] {method.name:<16} {task:<10} {row['metric']} {row['score']:.3f} "
+                  f"({row['trainable']:,} trainable, {time.perf_counter() - t0:.0f}s)", flush=True)
+    md = (f"# Leaderboard\n\nEvery method fine-tunes the shipped `base` ({rows[0]['total']:,} parameters) for "
+          f"{cfg.steps} steps, batch {cfg.batch_size}, seed {cfg.seed}, on each task; the score is the test "
+          f"metric on up to {MAX_TEST} examples (classification: accuracy over the choices; camel: exact match).\n"
+          f"Regenerate with `python -m chapters.leaderboard` ({time.perf_counter() - t0:.0f} s on this machine).\n\n"
+          + table(rows, args.tasks) + "\n")
+    (args.out / "leaderboard.md").write_text(md, encoding="utf-8")
+    (args.out / "leaderboard.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    plot(rows, args.tasks, args.out / "leaderboard.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

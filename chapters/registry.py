@@ -1,0 +1,51 @@
+"""Every training method by name, for the leaderboard and the tests.
+
+A method is a function `apply(model) -> Hooks`: given the pretrained GPT it freezes what stays fixed,
+inserts its modules or chooses its trainable entries, and returns the hooks it needs in the shared loop
+(minimal/train.py). The leaderboard then trains and evaluates every method identically. Methods that
+are not a training recipe (proxy-tuning, LoraHub, serving, ...) are plain functions in their chapter
+and are not listed here.
+
+Each chapter registers its methods below with the settings used on the leaderboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chapters.ch1_introduction import baselines
+from minimal.gpt import GPT
+from minimal.train import Hooks
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    chapter: str
+    apply: Callable[[GPT], Hooks]
+    lr: float = 1e-3  # the leaderboard's learning rate for this method
+    trains: bool = True  # False: evaluate the model as it is (zero-shot)
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+# chapter 1: the baselines
+register(Method("zero-shot", "ch1", baselines.apply_zero_shot, trains=False, description="the base as it is"))
+register(Method("full", "ch1", baselines.apply_full, lr=5e-4, description="full fine-tuning"))
+register(Method("last-block", "ch1", baselines.apply_last_block, lr=1e-3, description="top block + ln_f"))

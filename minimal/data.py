@@ -1,0 +1,354 @@
+"""The offline corpus, the task suite, and batching with loss on answer tokens only.
+
+Everything here is read from the running interpreter's standard library, deterministically: fixed module
+lists, sorted files, splits decided by a hash of each item (so adding or removing one item never moves
+another between splits). Nothing is downloaded.
+
+Corpora (token streams, `LMCorpus`):
+- `docs`: the documentation: `pydoc_data` topics plus the docstrings (read with `ast`) of DOC_MODULES.
+  The base models are pretrained on its train split.
+- `code`: the source code of CODE_MODULES. With `docs` it forms the domain-shift pair: fine-tuning on
+  code lowers code perplexity (learning) and raises docs perplexity (forgetting).
+
+Tasks (`Task`: prompt -> answer, fixed train/validation/test splits, a metric):
+- `family` (real text, classification): a standard-library docstring -> the family of its module
+  (text, files, math, network, threads, formats). The family modules are not in DOC_MODULES, so the
+  test docstrings were never seen in pretraining.
+- `camel` (real identifiers, generation, exact match): a snake_case function name from the standard
+  library -> CamelCase.
+- `sentiment` (controlled synthetic, classification): templated reviews with negation -> good / bad,
+  where the answer is known exactly.
+- `kv_recall` (synthetic memorisation): a fixed table of number -> word; the splits are the same table,
+  on purpose, since the skill measured is memorising it (MoRA's experiment).
+- `translate_X_Y` (toy languages): English and three letter-substitution ciphers, each marked by a
+  language tag token; translate a short sentence from language X to Y.
+
+Format: prompt + <|answer|> + answer + <|endoftext|>; labels are -100 everywhere but the answer and the
+end token, so the loss is on the answer only (`encode_example`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import random
+import sysconfig
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minimal.tokenizer import get_tokenizer, special_id
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+# Modules present (with docstrings) from Python 3.10 to 3.13, none of them in a task family below.
+DOC_MODULES = """abc argparse ast bdb cmd code codecs codeop collections colorsys compileall contextlib copy copyreg
+dataclasses dis doctest email.message email.utils email.parser email.header enum functools genericpath getopt
+getpass graphlib gzip hashlib hmac inspect io ipaddress keyword linecache logging mailbox mimetypes
+modulefinder netrc ntpath operator optparse pdb pkgutil platform posixpath pprint profile pstats py_compile
+pyclbr pydoc quopri reprlib rlcompleter runpy secrets shelve signal site stat stringprep struct symtable
+sysconfig tabnanny timeit token tokenize trace traceback tracemalloc types typing uuid warnings wave weakref
+webbrowser zipapp zipimport unittest.case unittest.mock importlib.abc wsgiref.handlers tkinter tkinter.ttk
+tkinter.filedialog turtle xml.etree.ElementTree _collections_abc _pyio pickletools ssl bz2 lzma logging.handlers
+logging.config importlib._bootstrap_external email._header_value_parser email.feedparser email.generator
+email.headerregistry email.policy email._policybase unittest.result unittest.loader idlelib.editor""".split()
+
+CODE_MODULES = """argparse ast calendar configparser csv dataclasses difflib enum fractions functools heapq
+inspect pprint shlex statistics string textwrap typing""".split()
+
+FAMILIES = {
+    "text": "string textwrap difflib shlex gettext html.parser locale".split(),
+    "files": "os pathlib shutil glob fnmatch tempfile filecmp fileinput zipfile tarfile".split(),
+    "math": "fractions statistics random numbers heapq bisect _pydecimal".split(),
+    "network": "http.client http.server urllib.request urllib.parse smtplib ftplib poplib imaplib socket "
+               "socketserver".split(),
+    "threads": "threading queue asyncio.tasks asyncio.events asyncio.queues concurrent.futures._base "
+               "multiprocessing.pool sched selectors subprocess".split(),
+    "formats": "json.decoder json.encoder csv pickle configparser plistlib base64 calendar datetime "
+               "xml.dom.minidom".split(),
+}
+
+LANGUAGES = ["a", "b", "c", "d"]  # a is plain English; b, c, d are letter-substitution ciphers
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def module_path(name: str) -> Path:
+    """The source file of a standard-library module, found on disk (works for frozen modules too)."""
+    base = STDLIB.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"standard-library module {name!r} not found under {STDLIB}")
+
+
+def docstrings(name: str) -> list[str]:
+    """The module, class and function docstrings of one module, in source order."""
+    tree = ast.parse(module_path(name).read_text(encoding="utf-8"))
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                  ast.ClassDef))]
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+    return [d for n in nodes if (d := ast.get_docstring(n))]
+
+
+def function_names(name: str) -> list[str]:
+    tree = ast.parse(module_path(name).read_text(encoding="utf-8"))
+    return [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def split_of(item: str, val: float = 0.1, test: float = 0.1) -> str:
+    """'train', 'val' or 'test', decided by a hash of the item alone."""
+    u = int(hashlib.sha256(item.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+# ------------------------------------------------------------------------------------------ corpora
+
+
+@dataclass
+class LMCorpus:
+    name: str
+    docs: dict[str, list[str]]  # split -> documents
+
+    def text(self, split: str) -> str:
+        return "<|endoftext|>".join(self.docs[split])
+
+    def tokens(self, split: str) -> torch.Tensor:
+        return _tokens(self.name, split)
+
+    def sha256(self) -> str:
+        return hashlib.sha256("".join(self.text(s) for s in ("train", "val", "test")).encode("utf-8")).hexdigest()
+
+
+def _split_docs(docs: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for d in docs:
+        out[split_of(d, val=0.05, test=0.05)].append(d)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def get_corpus(name: str) -> LMCorpus:
+    if name == "docs":
+        from pydoc_data.topics import topics
+
+        docs = [topics[k] for k in sorted(topics)] + [d for m in DOC_MODULES for d in docstrings(m)]
+    elif name == "code":
+        docs = [module_path(m).read_text(encoding="utf-8") for m in CODE_MODULES]
+        # split each file into top-level chunks of about 40 lines so every split sees every module
+        docs = ["\n".join(lines[i:i + 40]) for d in docs if (lines := d.splitlines())
+                for i in range(0, len(lines), 40)]
+    elif name.startswith("cipher_") and name[7:] in LANGUAGES:
+        lang = name[7:]
+        docs = [f"<|lang_{lang}|>" + encipher(d, lang) for d in get_corpus("docs").docs["train"][:400]]
+    else:
+        raise ValueError(f"unknown corpus {name!r}; known: docs, code, cipher_a..cipher_d")
+    return LMCorpus(name, _split_docs(docs))
+
+
+@functools.lru_cache(maxsize=None)
+def _tokens(name: str, split: str) -> torch.Tensor:
+    enc = get_tokenizer()
+    ids = enc.encode(get_corpus(name).text(split), allowed_special="all")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_corpus_hash(recorded: str | None) -> bool:
+    """Compare the docs corpus with the hash recorded beside a base model; warn once if it differs."""
+    current = get_corpus("docs").sha256()
+    if recorded is not None and recorded != current:
+        warnings.warn(
+            "the standard library of this Python differs from the one the base models were trained on "
+            "(docs corpus hash differs); numbers may move slightly", stacklevel=2)
+        return False
+    return True
+
+
+def lm_batch(tokens: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of a token stream: idx [B, T]; labels = idx (the model shifts internally)."""
+    if len(tokens) <= block_size:
+        raise ValueError(f"token stream of {len(tokens)} is too short for block_size {block_size}")
+    starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=gen)
+    idx = torch.stack([tokens[s:s + block_size] for s in starts.tolist()])  # [B, T]
+    return idx, idx.clone()
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "classify" (pick among choices, accuracy) or "generate" (greedy decode, exact match)
+    splits: dict[str, list[Example]]
+    choices: list[str] = field(default_factory=list)
+    description: str = ""
+
+    @property
+    def train(self) -> list[Example]:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> list[Example]:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> list[Example]:
+        return self.splits["test"]
+
+
+def _by_hash(examples: list[Example], val: float = 0.15, test: float = 0.15) -> dict[str, list[Example]]:
+    out: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    seen = set()
+    for ex in examples:
+        if ex.prompt in seen:  # a prompt appears once, so no prompt is in two splits
+            continue
+        seen.add(ex.prompt)
+        out[split_of(ex.prompt, val, test)].append(ex)
+    return out
+
+
+def _first_line(doc: str, limit: int = 160) -> str:
+    text = " ".join(doc.split())
+    return text[:limit].rsplit(" ", 1)[0] if len(text) > limit else text
+
+
+def _family() -> Task:
+    examples = []
+    for fam, modules in FAMILIES.items():
+        items = [Example(_first_line(d), fam) for m in modules for d in docstrings(m) if len(d) >= 40]
+        random.Random(fam).shuffle(items)
+        examples += items[:150]  # balance the families
+    return Task("family", "classify", _by_hash(examples), choices=sorted(FAMILIES),
+                description="standard-library docstring -> module family")
+
+
+def _camel() -> Task:
+    names = sorted({n for m in CODE_MODULES + DOC_MODULES for n in function_names(m)
+                    if "_" in n.strip("_") and not n.startswith("_") and n.islower() and len(n) <= 24})
+    examples = [Example(n, "".join(p.capitalize() for p in n.split("_") if p)) for n in names]
+    return Task("camel", "generate", _by_hash(examples), description="snake_case name -> CamelCase")
+
+
+_NOUNS = "movie film book meal song show game hotel phone class trip story album play service".split()
+_GOOD = "great good wonderful excellent lovely fun brilliant superb pleasant enjoyable".split()
+_BAD = "bad awful terrible boring poor dull horrible weak painful disappointing".split()
+_TEMPLATES = ["the {n} was {neg}{a}", "this {n} is {neg}{a}", "i found the {n} {neg}{a}",
+              "honestly , the {n} was {neg}{a}", "my {n} felt {neg}{a}"]
+
+
+def _sentiment() -> Task:
+    examples = []
+    for t in _TEMPLATES:
+        for n in _NOUNS:
+            for a, polarity in [(a, True) for a in _GOOD] + [(a, False) for a in _BAD]:
+                for neg in ("", "not ", "never "):
+                    good = polarity != bool(neg)
+                    examples.append(Example(t.format(n=n, neg=neg, a=a), "good" if good else "bad"))
+    return Task("sentiment", "classify", _by_hash(examples), choices=["bad", "good"],
+                description="templated review with negation -> good / bad")
+
+
+_WORDS = ("apple river stone cloud tiger lemon piano glass candle forest rocket silver winter garden "
+          "castle dragon pepper violet copper thunder marble falcon anchor meadow").split()
+
+
+def _kv_recall(n: int = 128) -> Task:
+    rng = random.Random(1234)
+    keys = rng.sample(range(1000, 10000), n)
+    table = [Example(f"key {k}", rng.choice(_WORDS)) for k in keys]
+    return Task("kv_recall", "classify", {"train": table, "val": table, "test": table}, choices=sorted(_WORDS),
+                description="memorise a fixed table number -> word (train = test on purpose)")
+
+
+@functools.lru_cache(maxsize=None)
+def _cipher_table(lang: str) -> dict[str, str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    if lang == "a":
+        return {c: c for c in letters}
+    perm = list(letters)
+    random.Random("cipher-" + lang).shuffle(perm)
+    return dict(zip(letters, perm))
+
+
+def encipher(text: str, lang: str) -> str:
+    """Substitute lowercase letters with the language's fixed permutation (a is the identity)."""
+    table = _cipher_table(lang)
+    return "".join(table.get(c, c) for c in text)
+
+
+def _translate(src: str, tgt: str) -> Task:
+    sentences = sorted({" ".join(_first_line(d).lower().split()[:6]) for d in get_corpus("docs").docs["train"][:3000]})
+    sentences = [s for s in sentences if len(s) >= 20 and s.isascii()]
+    examples = [Example(f"<|lang_{src}|>{encipher(s, src)}<|lang_{tgt}|>", encipher(s, tgt)) for s in sentences]
+    return Task(f"translate_{src}_{tgt}", "generate", _by_hash(examples),
+                description=f"toy translation from language {src} to {tgt} (letter-substitution ciphers)")
+
+
+TASK_NAMES = ["family", "camel", "sentiment", "kv_recall"] + [
+    f"translate_{s}_{t}" for s in LANGUAGES for t in LANGUAGES if s != t]
+
+
+@functools.lru_cache(maxsize=None)
+def get_task(name: str) -> Task:
+    builders = {"family": _family, "camel": _camel, "sentiment": _sentiment, "kv_recall": _kv_recall}
+    if name in builders:
+        return builders[name]()
+    parts = name.split("_")
+    if len(parts) == 3 and parts[0] == "translate" and parts[1] in LANGUAGES and parts[2] in LANGUAGES \
+            and parts[1] != parts[2]:
+        return _translate(parts[1], parts[2])
+    raise ValueError(f"unknown task {name!r}; known: {TASK_NAMES}")
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+def encode_prompt(prompt: str) -> list[int]:
+    """prompt tokens + <|answer|>: what the model sees before it answers."""
+    enc = get_tokenizer()
+    return enc.encode(prompt, allowed_special="all") + [special_id(enc, "<|answer|>")]
+
+
+def encode_example(ex: Example, block_size: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) for prompt <|answer|> answer <|endoftext|>; labels are -100 outside the answer.
+
+    A prompt too long for the block is cut from the left (its end, next to the answer, is kept).
+    """
+    enc = get_tokenizer()
+    p = encode_prompt(ex.prompt)
+    a = enc.encode(ex.answer, allowed_special="all") + [special_id(enc, "<|endoftext|>")]
+    if len(a) >= block_size:
+        raise ValueError(f"answer of {len(a)} tokens does not fit block_size {block_size}")
+    p = p[-(block_size - len(a)):]
+    return p + a, [-100] * len(p) + a
+
+
+def collate(examples: list[Example], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded idx [B, T] and labels [B, T] (-100 on prompt and padding)."""
+    pad = special_id(get_tokenizer(), "<|pad|>")
+    pairs = [encode_example(ex, block_size) for ex in examples]
+    T = max(len(ids) for ids, _ in pairs)
+    idx = torch.full((len(pairs), T), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), T), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(pairs):
+        idx[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+    return idx, labels
+
+
+def task_batch(task: Task, batch_size: int, block_size: int, gen: torch.Generator,
+               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    data = task.splits[split]
+    pick = torch.randint(0, len(data), (batch_size,), generator=gen).tolist()
+    return collate([data[i] for i in pick], block_size)

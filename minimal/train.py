@@ -1,0 +1,252 @@
+"""One training loop for pretraining and fine-tuning, plus evaluation.
+
+The loop: AdamW over the parameters that require grad, linear warmup then cosine decay to `min_lr`,
+gradient clipping, periodic evaluation, and a history of losses and metrics. Methods plug in through
+`Hooks` instead of copying the loop:
+
+    loss = model(idx, labels=labels).loss + hooks.extra_loss(model)      # e.g. an L1 or orthogonality term
+    loss.backward();  hooks.after_backward(model, step)                  # e.g. gradient masks
+    clip;  optimizer.step();  hooks.step_end(model, step, optimizer)     # e.g. pruning, merges, restarts
+
+and `hooks.make_optimizer(params)` replaces AdamW (e.g. GaLore). The result reports the trainable
+parameter count, seconds per step, and peak memory: on CUDA the allocator's peak, on CPU the bytes of
+parameters, gradients and optimizer state counted from the tensors themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from minimal.data import Task, encode_prompt, get_tokenizer
+from minimal.peft import count_trainable
+from minimal.tokenizer import special_id
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # idx [B, T], labels [B, T]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 20
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 0  # 0: evaluate only at the end
+    log_every: int = 50
+    seed: int = 0
+    progress: bool | None = None  # None: a bar when interactive, plain lines otherwise (CI)
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps], got {self.warmup}")
+
+
+@dataclass
+class Hooks:
+    """What a method may add to the loop. Every field is optional."""
+
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    after_backward: Callable[[nn.Module, int], None] | None = None
+    step_end: Callable[[nn.Module, int, torch.optim.Optimizer], None] | None = None
+    make_optimizer: Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer] | None = None
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr"} every step
+    evals: list[dict] = field(default_factory=list)  # {"step", ...eval_fn's metrics}
+    trainable: int = 0
+    total: int = 0
+    seconds_per_step: float = 0.0
+    peak_memory_bytes: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        tail = [h["loss"] for h in self.history[-10:]]
+        return sum(tail) / len(tail)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for cfg.warmup steps, then cosine from lr to lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def default_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (biases, norms and vectors are not decayed)."""
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of parameters, their gradients and the optimizer state, counted from the tensors."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _interactive(cfg: TrainConfig) -> bool:
+    if cfg.progress is not None:
+        return cfg.progress
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def train(
+    model: nn.Module,
+    get_batch: Callable[[torch.Generator], Batch],
+    cfg: TrainConfig,
+    hooks: Hooks | None = None,
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train the parameters of `model` that require grad; `get_batch(gen)` draws a batch."""
+    hooks = hooks or Hooks()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: apply a method (or unfreeze something) before training")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    optimizer = (hooks.make_optimizer or default_optimizer)(params, cfg)
+    counts = count_trainable(model)
+    result = TrainResult(trainable=counts.trainable, total=counts.total)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=cfg.steps, desc=desc, disable=not _interactive(cfg), leave=False)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        idx, labels = (t.to(device) for t in get_batch(gen))
+        loss = model(idx, labels=labels).loss
+        if hooks.extra_loss is not None:
+            loss = loss + hooks.extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if hooks.after_backward is not None:
+            hooks.after_backward(model, step)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if hooks.step_end is not None:
+            hooks.step_end(model, step, optimizer)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        result.history.append({"step": step, "loss": loss.item(), "lr": lr})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not _interactive(cfg) and cfg.log_every and (step + 1) % cfg.log_every == 0:
+            print(f"{desc}: step {step + 1}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e}", flush=True)
+        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            result.evals.append({"step": step + 1, **eval_fn(model)})
+            model.train()
+    result.seconds_per_step = (time.perf_counter() - t0) / cfg.steps
+    bar.close()
+    if device.type == "cuda":
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        result.peak_memory_bytes = tensor_bytes(model, optimizer)
+    if eval_fn is not None:
+        result.evals.append({"step": cfg.steps, **eval_fn(model)})
+    model.eval()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, block_size: int, max_windows: int = 64) -> float:
+    """exp(mean next-token loss) over consecutive non-overlapping windows of the token stream."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(max_windows, (len(tokens) - 1) // block_size)
+    if n < 1:
+        raise ValueError(f"need more than {block_size} tokens for perplexity, got {len(tokens)}")
+    windows = tokens[: n * block_size].view(n, block_size).to(device)  # [n, T]
+    losses = [model(w, labels=w).loss for w in windows.split(16)]
+    weights = [len(w) for w in windows.split(16)]
+    return math.exp(sum(loss.item() * k for loss, k in zip(losses, weights)) / sum(weights))
+
+
+@torch.no_grad()
+def choice_logprobs(model: nn.Module, prompts: list[str], choices: list[str], block_size: int) -> torch.Tensor:
+    """Log-probability of each choice (its tokens plus <|endoftext|>) after each prompt: [len(prompts), C]."""
+    from minimal.data import Example, collate
+
+    model.eval()
+    device = next(model.parameters()).device
+    scores = torch.empty(len(prompts), len(choices))
+    for i, prompt in enumerate(prompts):
+        idx, labels = collate([Example(prompt, c) for c in choices], block_size)  # [C, T]
+        idx, labels = idx.to(device), labels.to(device)
+        logp = model(idx).logits[:, :-1].log_softmax(-1)  # [C, T-1, V]
+        target = labels[:, 1:]  # [C, T-1]
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [C, T-1]
+        scores[i] = (picked * (target != -100)).sum(-1).cpu()
+    return scores
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, prompts: list[str], block_size: int, max_new_tokens: int = 24) -> list[str]:
+    """Greedy decoding of each prompt's answer, up to <|endoftext|>. Prompts of equal length share a batch."""
+    enc = get_tokenizer()
+    eot = special_id(enc, "<|endoftext|>")
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(p)[-(block_size - max_new_tokens):] for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    for rows in by_len.values():
+        idx = torch.tensor([encoded[i] for i in rows], device=device)  # [b, T]
+        out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=eot)[:, idx.shape[1]:]
+        for i, toks in zip(rows, out.tolist()):
+            toks = toks[: toks.index(eot)] if eot in toks else toks
+            answers[i] = enc.decode(toks)
+    return answers
+
+
+def evaluate_task(model: nn.Module, task: Task, split: str = "test", max_examples: int | None = None,
+                  block_size: int | None = None) -> dict[str, float]:
+    """{'accuracy': ...} for classification (best-scoring choice), {'exact_match': ...} for generation."""
+    block_size = block_size or model.config.block_size
+    data = task.splits.get(split, [])[:max_examples]
+    if not data:
+        raise ValueError(f"task {task.name!r} has no {split} examples")
+    prompts = [ex.prompt for ex in data]
+    if task.kind == "classify":
+        pred = choice_logprobs(model, prompts, task.choices, block_size).argmax(-1).tolist()
+        return {"accuracy": sum(task.choices[p] == ex.answer for p, ex in zip(pred, data)) / len(data)}
+    answers = greedy_answers(model, prompts, block_size)
+    return {"exact_match": sum(a.strip() == ex.answer for a, ex in zip(answers, data)) / len(data)}
