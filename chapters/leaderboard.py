@@ -43,12 +43,13 @@ def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base"
     counts = count_trainable(model)
     row = {"method": method.name, "task": task_name, "trainable": counts.trainable, "total": counts.total,
            "percent": counts.percent, "seconds_per_step": None, "peak_memory_mb": None}
+    block = model.config.block_size - method.reserved_positions  # room left for the task's tokens
     if method.trains:
-        result = train(model, lambda g: task_batch(task, cfg.batch_size, model.config.block_size, g),
+        result = train(model, lambda g: task_batch(task, cfg.batch_size, block, g),
                        replace(cfg, lr=method.lr), hooks=hooks, desc=f"{method.name}/{task_name}")
         row.update(seconds_per_step=result.seconds_per_step, peak_memory_mb=result.peak_memory_bytes / 2**20,
                    final_loss=result.final_loss)
-    metrics = evaluate_task(model, task, "test", max_examples=MAX_TEST)
+    metrics = evaluate_task(model, task, "test", max_examples=MAX_TEST, block_size=block)
     row["metric"], row["score"] = next(iter(metrics.items()))
     return row
 

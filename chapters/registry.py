@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from chapters.ch1_introduction import baselines
+from chapters.ch2_additive import adapters, ia3, prefix_tuning, prompt_tuning
 from minimal.gpt import GPT
 from minimal.train import Hooks
 
@@ -26,6 +28,7 @@ class Method:
     apply: Callable[[GPT], Hooks]
     lr: float = 1e-3  # the leaderboard's learning rate for this method
     trains: bool = True  # False: evaluate the model as it is (zero-shot)
+    reserved_positions: int = 0  # positions the method itself occupies (prompt/prefix tokens)
     description: str = ""
 
 
@@ -49,3 +52,15 @@ def get_method(name: str) -> Method:
 register(Method("zero-shot", "ch1", baselines.apply_zero_shot, trains=False, description="the base as it is"))
 register(Method("full", "ch1", baselines.apply_full, lr=5e-4, description="full fine-tuning"))
 register(Method("last-block", "ch1", baselines.apply_last_block, lr=1e-3, description="top block + ln_f"))
+
+# chapter 2: additive methods
+register(Method("prompt-tuning", "ch2", partial(prompt_tuning.apply_prompt_tuning, n_tokens=20, init="vocab"),
+                lr=3e-2, reserved_positions=20, description="20 soft prompt vectors"))
+register(Method("prefix-tuning", "ch2", partial(prefix_tuning.apply_prefix_tuning, n_tokens=10, projection=True),
+                lr=3e-3, reserved_positions=10, description="10 key/value prefixes per layer, MLP reparameterised"))
+register(Method("houlsby", "ch2", partial(adapters.apply_houlsby, bottleneck=8), lr=1e-3,
+                description="2 bottleneck adapters per block + LayerNorms"))
+register(Method("pfeiffer", "ch2", partial(adapters.apply_pfeiffer, bottleneck=8), lr=1e-3,
+                description="1 bottleneck adapter per block, after the MLP"))
+register(Method("ia3", "ch2", partial(ia3.apply_ia3, attn="kv"), lr=3e-2,
+                description="(IA)^3 vectors on k, v and the MLP hidden"))

@@ -131,7 +131,7 @@ def _split_docs(docs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_corpus(name: str) -> LMCorpus:
     if name == "docs":
         from pydoc_data.topics import topics
@@ -150,7 +150,7 @@ def get_corpus(name: str) -> LMCorpus:
     return LMCorpus(name, _split_docs(docs))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokens(name: str, split: str) -> torch.Tensor:
     enc = get_tokenizer()
     ids = enc.encode(get_corpus(name).text(split), allowed_special="all")
@@ -168,7 +168,9 @@ def check_corpus_hash(recorded: str | None) -> bool:
     return True
 
 
-def lm_batch(tokens: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_batch(
+    tokens: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of a token stream: idx [B, T]; labels = idx (the model shifts internally)."""
     if len(tokens) <= block_size:
         raise ValueError(f"token stream of {len(tokens)} is too short for block_size {block_size}")
@@ -271,7 +273,7 @@ def _kv_recall(n: int = 128) -> Task:
                 description="memorise a fixed table number -> word (train = test on purpose)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cipher_table(lang: str) -> dict[str, str]:
     letters = "abcdefghijklmnopqrstuvwxyz"
     if lang == "a":
@@ -299,7 +301,7 @@ TASK_NAMES = ["family", "camel", "sentiment", "kv_recall"] + [
     f"translate_{s}_{t}" for s in LANGUAGES for t in LANGUAGES if s != t]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_task(name: str) -> Task:
     builders = {"family": _family, "camel": _camel, "sentiment": _sentiment, "kv_recall": _kv_recall}
     if name in builders:

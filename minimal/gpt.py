@@ -71,6 +71,10 @@ class GPTConfig:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()  # no kernel launch when dropout is off
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -78,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q | k | v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = _dropout(config.dropout)
         self.fast = True  # scaled_dot_product_attention; False runs the readable manual path
 
     def forward(self, x: torch.Tensor, prefix: KV | None = None, cache: KV | None = None) -> tuple[torch.Tensor, KV]:
@@ -102,7 +106,9 @@ class CausalSelfAttention(nn.Module):
         # query i (absolute index S-T+i among the S keys) sees every key j <= S-T+i
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # [T, S]
         p = self.attn_dropout if self.training else 0.0
-        if self.fast:
+        if self.fast and S == T:  # plain causal attention: let the kernel build the mask itself
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # [B, H, T, hd]
+        elif self.fast:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, H, T, hd]
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)  # [B, H, T, S]
@@ -118,7 +124,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = _dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.c_fc(x), approximate="tanh")  # [B, T, 4d]
@@ -157,7 +163,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = _dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.apply(self._init_weights)
@@ -221,9 +227,9 @@ class GPT(nn.Module):
         logits = self.ln_f(x) @ self.wte.weight.T  # [B, T, V] (tied head)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            # position t predicts labels[:, t+1]; shifting the labels (not the logits) avoids copying logits
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=-100)
         return GPTOutput(logits=logits, loss=loss, hidden_states=hidden, cache=new_cache)
 
     @torch.no_grad()

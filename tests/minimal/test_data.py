@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from minimal.data import (
-    DOC_MODULES, FAMILIES, TASK_NAMES, Example, collate, encipher, encode_example, get_corpus, get_task, lm_batch,
+    DOC_MODULES,
+    FAMILIES,
+    TASK_NAMES,
+    Example,
+    collate,
+    encipher,
+    encode_example,
+    get_corpus,
+    get_task,
+    lm_batch,
     split_of,
 )
 from minimal.tokenizer import get_tokenizer, special_id

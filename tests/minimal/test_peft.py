@@ -4,7 +4,16 @@ import torch.nn as nn
 
 from minimal.gpt import GPT, GPTConfig
 from minimal.peft import (
-    Mergeable, count_trainable, find_linears, freeze, inject, load_adapter, merge_all, save_adapter, unfreeze, unload,
+    Mergeable,
+    count_trainable,
+    find_linears,
+    freeze,
+    inject,
+    load_adapter,
+    merge_all,
+    save_adapter,
+    unfreeze,
+    unload,
     unmerge_all,
 )
 
