@@ -17,6 +17,7 @@ from functools import partial
 
 from chapters.ch1_introduction import baselines
 from chapters.ch2_additive import adapters, ia3, prefix_tuning, prompt_tuning
+from chapters.ch4_low_rank import dora, lora, pissa
 from minimal.gpt import GPT
 from minimal.train import Hooks
 
@@ -64,3 +65,13 @@ register(Method("pfeiffer", "ch2", partial(adapters.apply_pfeiffer, bottleneck=8
                 description="1 bottleneck adapter per block, after the MLP"))
 register(Method("ia3", "ch2", partial(ia3.apply_ia3, attn="kv"), lr=3e-2,
                 description="(IA)^3 vectors on k, v and the MLP hidden"))
+
+# chapter 4: low-rank methods
+register(Method("lora", "ch4", partial(lora.apply_lora, r=8, alpha=16, targets=("c_attn",)), lr=2e-3,
+                description="LoRA r=8 alpha=16 on c_attn"))
+register(Method("dora", "ch4", partial(dora.apply_dora, r=8, alpha=16, targets=("c_attn",)), lr=2e-3,
+                description="DoRA (magnitude + LoRA direction) r=8 on c_attn"))
+register(Method("pissa", "ch4", partial(pissa.apply_pissa, r=8, targets=("c_attn",)), lr=1e-3,
+                description="PiSSA: principal singular components, residual frozen, r=8"))
+register(Method("milora", "ch4", partial(pissa.apply_milora, r=8, targets=("c_attn",)), lr=1e-3,
+                description="MiLoRA: minor singular components, residual frozen, r=8"))
