@@ -37,9 +37,9 @@ def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base"
     """Apply `method` to a fresh copy of the base, fine-tune on one task, evaluate on its test split."""
     torch.manual_seed(cfg.seed)
     model = load_base(base)
-    out = method.apply(model)
-    model, hooks = out if isinstance(out, tuple) else (model, out)
     task = get_task(task_name)
+    out = method.apply(model, task) if method.needs_task else method.apply(model)
+    model, hooks = out if isinstance(out, tuple) else (model, out)
     counts = count_trainable(model)
     row = {"method": method.name, "task": task_name, "trainable": counts.trainable, "total": counts.total,
            "percent": counts.percent, "seconds_per_step": None, "peak_memory_mb": None}

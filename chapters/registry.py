@@ -1,6 +1,7 @@
 """Every training method by name, for the leaderboard and the tests.
 
-A method is a function `apply(model) -> Hooks`: given the pretrained GPT it freezes what stays fixed,
+A method is a function `apply(model) -> Hooks` (or `apply(model, task)` when `needs_task`: data-driven
+selection such as a Fisher mask): given the pretrained GPT it freezes what stays fixed,
 inserts its modules or chooses its trainable entries, and returns the hooks it needs in the shared loop
 (minimal/train.py). The leaderboard then trains and evaluates every method identically. Methods that
 are not a training recipe (proxy-tuning, LoraHub, serving, ...) are plain functions in their chapter
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from chapters.ch1_introduction import baselines
-from chapters.ch2_additive import adapters, ia3, prefix_tuning, prompt_tuning
+from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning
+from chapters.ch3_selective import bitfit, child_tuning, freeze_layers, learned_masks
 from chapters.ch4_low_rank import dora, lora, pissa
 from minimal.gpt import GPT
 from minimal.train import Hooks
@@ -30,6 +32,7 @@ class Method:
     lr: float = 1e-3  # the leaderboard's learning rate for this method
     trains: bool = True  # False: evaluate the model as it is (zero-shot)
     reserved_positions: int = 0  # positions the method itself occupies (prompt/prefix tokens)
+    needs_task: bool = False  # apply(model, task): the method looks at training data before training
     description: str = ""
 
 
@@ -65,6 +68,23 @@ register(Method("pfeiffer", "ch2", partial(adapters.apply_pfeiffer, bottleneck=8
                 description="1 bottleneck adapter per block, after the MLP"))
 register(Method("ia3", "ch2", partial(ia3.apply_ia3, attn="kv"), lr=3e-2,
                 description="(IA)^3 vectors on k, v and the MLP hidden"))
+register(Method("fish-mask", "ch2", partial(fish_mask.apply_fish_mask, fraction=0.005, n_samples=256), lr=5e-3,
+                needs_task=True, description="top-0.5% empirical-Fisher entries"))
+register(Method("fish-random", "ch2", partial(fish_mask.apply_fish_mask, data=None, fraction=0.005, score="random"),
+                lr=5e-3, description="random 0.5% entries (the FISH baseline)"))
+
+# chapter 3: selective methods
+register(Method("bitfit", "ch3", partial(bitfit.apply_bitfit, variant="all"), lr=1e-2, description="all biases"))
+register(Method("bitfit-subset", "ch3", partial(bitfit.apply_bitfit, variant="subset"), lr=1e-2,
+                description="query + MLP-inner biases"))
+register(Method("freeze-top2", "ch3", partial(freeze_layers.apply_freeze_layers, k=2), lr=1e-3,
+                description="top 2 blocks + ln_f"))
+register(Method("child-tuning-f", "ch3", partial(child_tuning.apply_child_tuning_f, p=0.3), lr=5e-4,
+                description="Bernoulli(0.3) gradient mask each step"))
+register(Method("child-tuning-d", "ch3", partial(child_tuning.apply_child_tuning_d, p=0.3, max_batches=64), lr=5e-4,
+                needs_task=True, description="Fisher-chosen child network, 30% of block entries"))
+register(Method("learned-masks", "ch3", learned_masks.apply_learned_masks, lr=1e-3,
+                description="binary masks over block weights (straight-through)"))
 
 # chapter 4: low-rank methods
 register(Method("lora", "ch4", partial(lora.apply_lora, r=8, alpha=16, targets=("c_attn",)), lr=2e-3,

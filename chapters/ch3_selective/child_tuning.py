@@ -1,0 +1,161 @@
+"""Child-Tuning: update only a "child network" of the model at every step.
+
+Paper: Xu, Luo, Huang, Wang, Zhang, Huang, Huang, "Raise a Child in Large Language Model: Towards
+Effective and Generalizable Fine-tuning", EMNLP 2021, arXiv 2109.05687.
+
+Idea: during ordinary fine-tuning, mask the gradient so that only a subset of the parameters moves. The
+subset is either random and redrawn every step (task-free, Child-Tuning_F) or chosen once from Fisher
+information on the task (task-driven, Child-Tuning_D). It regularises fine-tuning; it does not save
+storage (every weight may change, the whole model is saved).
+
+    w_{t+1} = w_t - lr * AdamW(g_t * M_t)                       the mask acts before Adam's moments
+    F:  M_t ~ Bernoulli(p_F) per entry, redrawn every step;  g_t * M_t / p_F  (unbiased: E[M_t / p_F] = 1)
+    D:  F_i = (1/B) sum_b (clip(g_b))_i^2  over the B training batches, at the pretrained weights;
+        M = 1[F_i among the top p_D fraction of in-block entries], fixed for the whole run
+
+What trains: everything, as in full fine-tuning (the chapter 1 baseline "full"). F masks every
+parameter; D masks the parameters inside the transformer blocks (h.*) and leaves the embeddings and
+ln_f dense, as the released code masks only names inside the encoder layers.
+
+Implementation: gradient masking (`minimal.sparse.GradMask`), as in the released optimiser, without
+restoring masked entries. Consequences, stated rather than hidden: with weight decay > 0 the decoupled
+decay still shrinks unselected entries, so only with weight decay 0 (the default of our TrainConfig) do
+D's unselected entries stay bitwise unchanged; F's masks change every step, so Adam's momentum from
+earlier steps still moves entries that are masked now (as in the paper's optimiser).
+
+Choices where paper and code differ: D's threshold is the (1 - p_D) quantile of the scores in the code;
+we keep exactly k = floor(p_D * n) entries with `topk_mask` (the same set when scores have no ties). D's
+Fisher squares per-batch gradients (not per-example ones), each tensor's gradient clipped to norm 1
+first, as in the released code. The tied head is wte, so it trains densely like the other embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from minimal.data import Task, collate
+from minimal.gpt import GPT
+from minimal.sparse import GradMask, Masks, budget, topk_mask
+from minimal.train import Batch, Hooks
+
+
+def _unfreeze_all(model: GPT) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def _check_p(p: float, name: str) -> None:
+    if not 0 < p <= 1:
+        raise ValueError(f"{name} (the fraction of entries in the child network) must be in (0, 1], got {p}")
+
+
+# ------------------------------------------------------------------------------------------ Child-Tuning_F
+
+
+class BernoulliGradMask:
+    """after_backward hook: grad <- grad * M / p with M ~ Bernoulli(p) per entry, redrawn at every call."""
+
+    def __init__(self, p: float, seed: int = 0) -> None:
+        _check_p(p, "p_F")
+        self.p, self.seed = p, seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
+    @torch.no_grad()
+    def __call__(self, model: GPT, step: int) -> None:
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            keep = torch.rand(p.shape, device=p.device, generator=self._generator(p.device)) < self.p  # M_t
+            p.grad.mul_(keep.to(p.grad.dtype) / self.p)
+
+
+def apply_child_tuning_f(model: GPT, p: float = 0.3, seed: int = 0) -> Hooks:
+    """Child-Tuning_F: full fine-tuning with a fresh Bernoulli(p) gradient mask every step, scaled by 1/p."""
+    _unfreeze_all(model)
+    return Hooks(after_backward=BernoulliGradMask(p, seed))
+
+
+# ------------------------------------------------------------------------------------------ Child-Tuning_D
+
+
+def in_block_names(model: GPT) -> list[str]:
+    """The parameters inside the transformer blocks: the ones Child-Tuning_D masks."""
+    return [n for n, _ in model.named_parameters() if n.startswith("h.")]
+
+
+def child_fisher(model: GPT, batches: Iterable[Batch], names: list[str] | None = None,
+                 max_grad_norm: float = 1.0) -> dict[str, torch.Tensor]:
+    """F = (1/B) sum over batches of (per-tensor clipped batch gradient)^2, at the current weights.
+
+    The model is not changed (gradients are taken with torch.autograd.grad; dropout is off).
+    """
+    names = in_block_names(model) if names is None else names
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise ValueError(f"cannot score parameters {unknown or names}")
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    tensors = [params[n] for n in names]
+    flags = [p.requires_grad for p in tensors]
+    was_training = model.training
+    model.eval()
+    fisher = {n: torch.zeros_like(params[n]) for n in names}
+    count = 0
+    try:
+        for p in tensors:
+            p.requires_grad_(True)
+        for idx, labels in batches:
+            loss = model(idx, labels=labels).loss
+            for n, g in zip(names, torch.autograd.grad(loss, tensors), strict=True):
+                g = g * (max_grad_norm / g.norm().clamp(min=max_grad_norm))  # clip this tensor's norm to max
+                fisher[n] += g.square()
+            count += 1
+    finally:
+        for p, f in zip(tensors, flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("child_fisher: no batches given")
+    return {n: f / count for n, f in fisher.items()}
+
+
+def child_mask(fisher: dict[str, torch.Tensor], p: float) -> Masks:
+    """The child network: the top floor(p * n) entries of the Fisher scores (n = all scored entries)."""
+    _check_p(p, "p_D")
+    return topk_mask(fisher, budget(p, sum(f.numel() for f in fisher.values())))
+
+
+def task_batches(data: Task | Iterable[Batch], block_size: int, batch_size: int = 16,
+                 max_batches: int | None = None) -> list[Batch]:
+    """A list of (idx, labels) batches: `data` as given, or one pass over a Task's train split."""
+    if isinstance(data, Task):
+        train = data.train
+        batches = [collate(train[i:i + batch_size], block_size) for i in range(0, len(train), batch_size)]
+    else:
+        batches = list(data)
+    batches = batches[:max_batches]
+    if not batches:
+        raise ValueError("no batches to compute the Fisher information from")
+    return batches
+
+
+def apply_child_tuning_d(model: GPT, data: Task | Iterable[Batch], p: float = 0.3, batch_size: int = 16,
+                         max_batches: int | None = None) -> Hooks:
+    """Child-Tuning_D: Fisher-chosen child network among the in-block parameters, fixed for the run.
+
+    data: the training set, as a minimal.data.Task (one pass over its train split, at most `max_batches`
+    batches of `batch_size`) or a list of (idx, labels) batches.
+    """
+    _check_p(p, "p_D")
+    batches = task_batches(data, model.config.block_size, batch_size, max_batches)
+    mask = child_mask(child_fisher(model, batches), p)
+    _unfreeze_all(model)
+    return GradMask(model, mask, restore=False).hooks()

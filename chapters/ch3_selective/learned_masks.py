@@ -1,0 +1,105 @@
+"""Learned binary masks: fine-tune by choosing which pretrained weights to keep.
+
+Paper: Zhao, Lin, Mi, Jaggi, Schütze, "Masking as an Efficient Alternative to Finetuning for Pretrained
+Language Models", EMNLP 2020, arXiv 2004.12406.
+
+Idea: never change a pretrained weight. For each masked linear layer learn real-valued scores S; the
+layer uses only the weights whose score passes a threshold. A task is stored as one bit per weight.
+
+    M = 1[S >= tau],   W_eff = W * M,   y = x W_eff^T + b           (W and b frozen)
+    backward (straight-through estimator): dL/dS := dL/dM = (dL/dW_eff) * W
+
+What trains: the scores S of every targeted linear layer (same shape as its weight); by default all four
+projections of every block (c_attn, attn.c_proj, c_fc, mlp.c_proj): L * 12 d^2 scores.
+
+Choices (no official code was found; these are interpretations, flagged as such in the spec sheet):
+tau = 5e-3 and S initialised uniformly in a narrow band around tau so that a fraction
+`initial_sparsity` of the weights starts masked out (default 0.05; 0 gives exactly the base model);
+biases stay frozen and unmasked; the tied head (wte) is not masked, and tasks use verbaliser tokens
+instead of the paper's masked random classifier. Merging writes W * M into the layer (`merge`), and
+`unmerge` restores W bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimal.gpt import GPT
+from minimal.peft import Mergeable, freeze, inject
+from minimal.train import Hooks
+
+TARGETS = ("c_attn", "c_proj", "c_fc")  # "c_proj" matches attn.c_proj and mlp.c_proj
+
+
+class MaskedLinear(Mergeable):
+    """y = x (W * 1[S >= tau])^T + b with scores S trained through a straight-through estimator."""
+
+    def __init__(self, base: nn.Linear, tau: float = 5e-3, initial_sparsity: float = 0.05, band: float = 1e-2,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(base)
+        if not 0 <= initial_sparsity < 1:
+            raise ValueError(f"initial_sparsity must be in [0, 1), got {initial_sparsity}")
+        if band <= 0:
+            raise ValueError(f"band (the width of the score initialisation) must be positive, got {band}")
+        self.tau = tau
+        u = torch.rand(base.weight.shape, generator=generator)  # U(0, 1)
+        # S in [tau - band * s, tau + band * (1 - s)): a fraction s starts below the threshold
+        scores = tau + band * (u - initial_sparsity)
+        self.scores = nn.Parameter(scores.to(base.weight.device, base.weight.dtype))
+        self._stash: torch.Tensor | None = None
+
+    def mask(self) -> torch.Tensor:
+        return self.scores >= self.tau  # [out, in] bool
+
+    def ste_mask(self) -> torch.Tensor:
+        """The binary mask in the forward pass, the identity in the backward pass (to the scores)."""
+        hard = self.mask().to(self.scores.dtype)
+        return hard + self.scores - self.scores.detach()  # value: hard (exactly); gradient: d/dS = d/dM
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        return F.linear(x, self.base.weight * self.ste_mask(), self.base.bias)  # [..., out]
+
+    def delta_weight(self) -> torch.Tensor:
+        """W * M - W: minus the weights that are masked out."""
+        return -self.base.weight * (~self.mask()).to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise ValueError("MaskedLinear is already merged; unmerge() before merging again")
+        self._stash = self.base.weight.detach().clone()
+        self.base.weight.mul_(self.mask().to(self.base.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged or self._stash is None:
+            raise ValueError("MaskedLinear is not merged; nothing to unmerge")
+        self.base.weight.copy_(self._stash)
+        self._stash = None
+        self.merged = False
+
+
+def apply_learned_masks(model: GPT, targets: str | Iterable[str] = TARGETS, tau: float = 5e-3,
+                        initial_sparsity: float = 0.05, seed: int = 0) -> Hooks:
+    """Freeze the model and wrap the target linears in MaskedLinear; only the scores train."""
+    freeze(model)
+    gen = torch.Generator().manual_seed(seed)
+    inject(model, targets, lambda lin: MaskedLinear(lin, tau, initial_sparsity, generator=gen))
+    return Hooks()
+
+
+def mask_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of weights masked out, per MaskedLinear (module name -> fraction)."""
+    return {n: 1.0 - m.mask().float().mean().item() for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
+
+
+def mask_storage_bits(model: nn.Module) -> int:
+    """Bits to store the task: one per masked weight."""
+    return sum(m.scores.numel() for m in model.modules() if isinstance(m, MaskedLinear))

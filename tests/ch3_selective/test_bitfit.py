@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from chapters.ch3_selective.bitfit import apply_bitfit, bias_snapshot, bitfit_count, relative_bias_change
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, trainable_names
+from minimal.train import TrainConfig, train
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+TINY_S = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)
+
+
+def tiny(cfg: GPTConfig = CFG) -> GPT:
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CFG.vocab_size, (4, 16), generator=g)
+    labels = idx.clone()
+    labels[:, :6] = -100
+    return idx, labels
+
+
+def effective_state(model):
+    """Every weight and bias as the model uses it (a parametrised tensor is read through its module)."""
+    out = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding)):
+            out[f"{mname}.weight"] = m.weight.detach().clone()
+            if getattr(m, "bias", None) is not None:
+                out[f"{mname}.bias"] = m.bias.detach().clone()
+    return out
+
+
+def run(model, steps=8):
+    idx, labels = batch()
+    return train(model, lambda gen: (idx, labels), TrainConfig(steps=steps, lr=3e-2, warmup=0, log_every=0))
+
+
+@pytest.mark.parametrize("variant,expected", [("all", 5_760), ("subset", 2_560)])
+def test_counts_match_the_formula_and_the_spec_table(variant, expected):
+    model = tiny(TINY_S)
+    apply_bitfit(model, variant)
+    assert count_trainable(model).trainable == bitfit_count(model, variant) == expected
+
+
+def test_all_biases_train_and_nothing_else_changes():
+    model = tiny()
+    L, d = CFG.n_layer, CFG.n_embd
+    before = effective_state(model)
+    apply_bitfit(model, "all")
+    names = trainable_names(model)
+    assert names == [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert "ln_f.bias" in names and "h.0.ln_1.bias" in names  # LayerNorm beta counts as a bias
+    assert count_trainable(model).trainable == L * 11 * d + d
+    res = run(model)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    after = effective_state(model)
+    for n, t in after.items():
+        if n.endswith(".bias"):
+            assert not torch.equal(t, before[n]), n
+        else:
+            assert torch.equal(t, before[n]), n  # weights, LN gains, embeddings: bit-identical
+
+
+def test_subset_trains_query_and_mlp_biases_only():
+    model = tiny()
+    idx, _ = batch()
+    base_logits = model(idx).logits
+    L, d = CFG.n_layer, CFG.n_embd
+    before = effective_state(model)
+    apply_bitfit(model, "subset")
+    assert torch.equal(model(idx).logits, base_logits)  # the delta starts at zero: the base model, bitwise
+    assert count_trainable(model).trainable == L * 5 * d
+    run(model)
+    after = effective_state(model)
+    for n, t in after.items():
+        if n.endswith("attn.c_attn.bias"):
+            assert (t[:d] != before[n][:d]).all(), n  # b_q moved
+            assert torch.equal(t[d:], before[n][d:]), n  # b_k, b_v bit-identical
+        elif n.endswith("mlp.c_fc.bias"):
+            assert not torch.equal(t, before[n]), n
+        else:
+            assert torch.equal(t, before[n]), n
+
+
+def test_relative_bias_change_reports_the_trained_biases():
+    model = tiny()
+    apply_bitfit(model, "subset")
+    snap = bias_snapshot(model)
+    run(model, steps=3)
+    change = relative_bias_change(model, snap)
+    assert change["h.0.attn.c_attn.q"] > 0 and change["h.1.mlp.c_fc"] > 0
+    assert change["h.0.attn.c_attn.k"] == 0 and change["h.0.attn.c_attn.v"] == 0 and change["ln_f"] == 0
+    with pytest.raises(ValueError, match="other bias modules"):
+        relative_bias_change(model, {"x": torch.zeros(3)})
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown BitFit variant 'some'"):
+        apply_bitfit(tiny(), "some")
+    with pytest.raises(ValueError, match="bias=False"):
+        apply_bitfit(GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=False)))

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from chapters.ch3_selective.freeze_layers import apply_freeze_layers, freeze_layers_count, saved_activation_bytes
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, trainable_names
+from minimal.train import TrainConfig, train
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=3, n_head=4, n_embd=32)
+TINY_S = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)
+
+
+def tiny(cfg: GPTConfig = CFG) -> GPT:
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CFG.vocab_size, (4, 16), generator=g)
+    labels = idx.clone()
+    labels[:, :6] = -100
+    return idx, labels
+
+
+def test_count_matches_formula_and_spec_table():
+    model = tiny(TINY_S)
+    apply_freeze_layers(model, k=1)
+    assert count_trainable(model).trainable == freeze_layers_count(model, 1) == 198_528
+    for k in range(0, CFG.n_layer + 1):
+        model = tiny()
+        apply_freeze_layers(model, k=k)
+        assert count_trainable(model).trainable == freeze_layers_count(model, k)
+    apply_freeze_layers(model, k=2, train_ln_f=False)
+    assert count_trainable(model).trainable == 2 * (12 * 32 * 32 + 13 * 32)
+    assert not any(n.startswith("ln_f") for n in trainable_names(model))
+
+
+def test_lower_blocks_bit_identical_and_gradless_after_training():
+    model = tiny()
+    idx, labels = batch()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    apply_freeze_layers(model, k=1)
+    res = train(model, lambda gen: (idx, labels), TrainConfig(steps=8, lr=1e-2, warmup=0, log_every=0))
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    for n, p in model.named_parameters():
+        trained = n.startswith(("h.2.", "ln_f."))
+        assert torch.equal(p, before[n]) != trained, n
+        if not trained:
+            assert p.grad is None, n
+
+
+def test_backward_stops_at_the_lowest_trained_block():
+    model = tiny()
+    idx, labels = batch()
+    apply_freeze_layers(model, k=1)
+    out = model(idx, labels=labels, output_hidden_states=True)
+    hs = out.hidden_states  # embeddings, then after each block
+    assert all(h.grad_fn is None for h in hs[: CFG.n_layer])  # no graph below block L-k
+    assert hs[CFG.n_layer].grad_fn is not None
+    grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+    with torch.no_grad():  # lower blocks run explicitly without autograd: same loss and gradients
+        x = hs[CFG.n_layer - 1].clone()
+    x = model.h[CFG.n_layer - 1](x)[0]
+    logits = model.ln_f(x) @ model.wte.weight.T
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, CFG.vocab_size), labels[:, 1:].reshape(-1))
+    assert torch.allclose(loss, out.loss)
+    grads2 = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads, grads2, strict=True))
+
+
+def test_activation_memory_grows_with_k():
+    idx, labels = batch()
+    saved = []
+    for k in range(CFG.n_layer + 1):
+        model = tiny()
+        apply_freeze_layers(model, k=k)
+        saved.append(saved_activation_bytes(model, idx, labels))
+    assert all(a < b for a, b in zip(saved[:-1], saved[1:], strict=True)), saved
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        apply_freeze_layers(tiny(), k=4)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        apply_freeze_layers(tiny(), k=-1)
+    with pytest.raises(ValueError, match="nothing to train"):
+        apply_freeze_layers(tiny(), k=0, train_ln_f=False)
