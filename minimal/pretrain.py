@@ -69,7 +69,7 @@ def pretrain(name: str, seed: int = 0, data_dir: Path = DATA, steps: int | None 
     record = {
         "config": asdict(config),
         "training": {
-            "command": f"python -m minimal.pretrain --model {name} --seed {seed}",
+            "command": f"python -m minimal.pretrain --model {name} --seed {seed} --threads {torch.get_num_threads()}",
             "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "tokens": cfg.steps * cfg.batch_size * config.block_size,
             "train_tokens_in_corpus": len(train_tokens),
