@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minimal.data import Task, encode_prompt, get_tokenizer
 from minimal.peft import count_trainable

@@ -1,0 +1,60 @@
+"""Every registered method applies to a GPT, trains what it says, and runs in the shared loop."""
+
+import json
+
+import pytest
+import torch
+
+from chapters import leaderboard
+from chapters.registry import METHODS, Method, get_method, register
+from minimal.data import get_task, task_batch
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable
+from minimal.train import TrainConfig, train
+
+
+@pytest.fixture
+def small_vocab_gpt() -> GPT:
+    torch.manual_seed(0)  # the shipped vocabulary (tasks use it), tiny everything else
+    return GPT(GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, n_embd=32))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_applies_and_trains(name, small_vocab_gpt):
+    method = get_method(name)
+    task = get_task("sentiment")
+    before = {n: p.detach().clone() for n, p in small_vocab_gpt.named_parameters()}
+    out = method.apply(small_vocab_gpt, task) if method.needs_task else method.apply(small_vocab_gpt)
+    model, hooks = out if isinstance(out, tuple) else (small_vocab_gpt, out)
+    counts = count_trainable(model)
+    if not method.trains:
+        assert counts.trainable == 0
+        return
+    assert 0 < counts.trainable <= counts.total
+    block = model.config.block_size - method.reserved_positions
+    res = train(model, lambda g: task_batch(task, 4, block, g), TrainConfig(steps=2, warmup=0, lr=method.lr,
+                                                                            progress=False, log_every=0), hooks=hooks)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    frozen_changed = [n for n in changed if not dict(model.named_parameters())[n].requires_grad]
+    assert not frozen_changed or name in {"pissa", "milora"}, frozen_changed  # PiSSA rewrites W to its residual
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Method("full", "ch1", lambda m: None))
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+def test_leaderboard_writes_table_json_and_plot(tmp_path):
+    leaderboard.main(["--methods", "zero-shot", "last-block", "--tasks", "sentiment", "--steps", "3",
+                      "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "leaderboard.json").read_text(encoding="utf-8"))
+    assert [(r["method"], r["task"]) for r in rows] == [("zero-shot", "sentiment"), ("last-block", "sentiment")]
+    assert rows[0]["trainable"] == 0 and rows[1]["trainable"] == 12 * 128 * 128 + 13 * 128 + 2 * 128
+    md = (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
+    assert "| zero-shot | ch1 | 0 |" in md and "| last-block |" in md
+    assert (tmp_path / "leaderboard.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="unknown task"):
+        leaderboard.main(["--tasks", "nope", "--out", str(tmp_path)])
