@@ -22,7 +22,8 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m chapters.leaderboard
 
-# unit tests, then every notebook under nbval (outputs compared, volatile cells marked NBVAL_IGNORE_OUTPUT)
+# unit tests, then every notebook under nbval (outputs compared, volatile cells marked NBVAL_IGNORE_OUTPUT).
+# Notebooks are executed and checked with one thread, so both sides compute the same floating-point sums.
 test: unit nbval
 
 # pytest exits 5 when it collects no test: that is not a failure of the code under test
@@ -30,13 +31,13 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 nbval: $(STAMP)
-	$(if $(NOTEBOOKS),$(BIN)/python -m pytest --nbval $(NOTEBOOKS) --sanitize-with notebooks/sanitize.cfg -q; \
+	$(if $(NOTEBOOKS),OMP_NUM_THREADS=1 $(BIN)/python -m pytest --nbval $(NOTEBOOKS) --sanitize-with notebooks/sanitize.cfg -q; \
 	  rc=$$?; test $$rc -eq 0 -o $$rc -eq 5,@echo "no notebooks")
 
 # re-execute every notebook in place (after a code change), on the CPU, as CI will
 notebooks: $(STAMP)
 	for nb in $(NOTEBOOKS); do \
-	  CUDA_VISIBLE_DEVICES= $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=600 $$nb || exit 1; done
 
 lab: $(STAMP)
