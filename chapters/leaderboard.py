@@ -28,9 +28,9 @@ from minimal.pretrained import load_base
 from minimal.train import TrainConfig, evaluate_task, train
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TASKS = ("sentiment", "family", "camel")
-DEFAULT = TrainConfig(steps=120, batch_size=16, warmup=10, log_every=0)
-MAX_TEST = 120  # test examples scored per task
+DEFAULT_TASKS = ("sentiment", "family")  # --tasks camel kv_recall ... adds more
+DEFAULT = TrainConfig(steps=250, batch_size=16, warmup=20, log_every=0)
+MAX_TEST = 100  # test examples scored per task
 
 
 def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base") -> dict:

@@ -54,17 +54,17 @@ def get_method(name: str) -> Method:
 
 # chapter 1: the baselines
 register(Method("zero-shot", "ch1", baselines.apply_zero_shot, trains=False, description="the base as it is"))
-register(Method("full", "ch1", baselines.apply_full, lr=5e-4, description="full fine-tuning"))
-register(Method("last-block", "ch1", baselines.apply_last_block, lr=1e-3, description="top block + ln_f"))
+register(Method("full", "ch1", baselines.apply_full, lr=1e-3, description="full fine-tuning"))
+register(Method("last-block", "ch1", baselines.apply_last_block, lr=3e-3, description="top block + ln_f"))
 
 # chapter 2: additive methods
 register(Method("prompt-tuning", "ch2", partial(prompt_tuning.apply_prompt_tuning, n_tokens=20, init="vocab"),
                 lr=3e-2, reserved_positions=20, description="20 soft prompt vectors"))
 register(Method("prefix-tuning", "ch2", partial(prefix_tuning.apply_prefix_tuning, n_tokens=10, projection=True),
                 lr=3e-3, reserved_positions=10, description="10 key/value prefixes per layer, MLP reparameterised"))
-register(Method("houlsby", "ch2", partial(adapters.apply_houlsby, bottleneck=8), lr=1e-3,
+register(Method("houlsby", "ch2", partial(adapters.apply_houlsby, bottleneck=8), lr=3e-3,
                 description="2 bottleneck adapters per block + LayerNorms"))
-register(Method("pfeiffer", "ch2", partial(adapters.apply_pfeiffer, bottleneck=8), lr=1e-3,
+register(Method("pfeiffer", "ch2", partial(adapters.apply_pfeiffer, bottleneck=8), lr=3e-3,
                 description="1 bottleneck adapter per block, after the MLP"))
 register(Method("ia3", "ch2", partial(ia3.apply_ia3, attn="kv"), lr=3e-2,
                 description="(IA)^3 vectors on k, v and the MLP hidden"))
@@ -74,22 +74,22 @@ register(Method("fish-random", "ch2", partial(fish_mask.apply_fish_mask, data=No
                 lr=5e-3, description="random 0.5% entries (the FISH baseline)"))
 
 # chapter 3: selective methods
-register(Method("bitfit", "ch3", partial(bitfit.apply_bitfit, variant="all"), lr=1e-2, description="all biases"))
-register(Method("bitfit-subset", "ch3", partial(bitfit.apply_bitfit, variant="subset"), lr=1e-2,
+register(Method("bitfit", "ch3", partial(bitfit.apply_bitfit, variant="all"), lr=3e-2, description="all biases"))
+register(Method("bitfit-subset", "ch3", partial(bitfit.apply_bitfit, variant="subset"), lr=3e-2,
                 description="query + MLP-inner biases"))
 register(Method("freeze-top2", "ch3", partial(freeze_layers.apply_freeze_layers, k=2), lr=1e-3,
                 description="top 2 blocks + ln_f"))
-register(Method("child-tuning-f", "ch3", partial(child_tuning.apply_child_tuning_f, p=0.3), lr=5e-4,
+register(Method("child-tuning-f", "ch3", partial(child_tuning.apply_child_tuning_f, p=0.3), lr=1e-3,
                 description="Bernoulli(0.3) gradient mask each step"))
-register(Method("child-tuning-d", "ch3", partial(child_tuning.apply_child_tuning_d, p=0.3, max_batches=64), lr=5e-4,
+register(Method("child-tuning-d", "ch3", partial(child_tuning.apply_child_tuning_d, p=0.3, max_batches=64), lr=1e-3,
                 needs_task=True, description="Fisher-chosen child network, 30% of block entries"))
 register(Method("learned-masks", "ch3", learned_masks.apply_learned_masks, lr=1e-3,
                 description="binary masks over block weights (straight-through)"))
 
 # chapter 4: low-rank methods
-register(Method("lora", "ch4", partial(lora.apply_lora, r=8, alpha=16, targets=("c_attn",)), lr=2e-3,
+register(Method("lora", "ch4", partial(lora.apply_lora, r=8, alpha=16, targets=("c_attn",)), lr=5e-3,
                 description="LoRA r=8 alpha=16 on c_attn"))
-register(Method("dora", "ch4", partial(dora.apply_dora, r=8, alpha=16, targets=("c_attn",)), lr=2e-3,
+register(Method("dora", "ch4", partial(dora.apply_dora, r=8, alpha=16, targets=("c_attn",)), lr=5e-3,
                 description="DoRA (magnitude + LoRA direction) r=8 on c_attn"))
 register(Method("pissa", "ch4", partial(pissa.apply_pissa, r=8, targets=("c_attn",)), lr=1e-3,
                 description="PiSSA: principal singular components, residual frozen, r=8"))

@@ -1,0 +1,222 @@
+"""SparseAdapter: prune the adapters themselves once, at initialisation, and train what survives.
+
+Paper: Shwai He, Liang Ding, Daize Dong, Miao Zhang, Dacheng Tao, "SparseAdapter: An Easy Approach for
+Improving the Parameter-Efficiency of Adapters", Findings of EMNLP 2022, arXiv 2210.04284
+(code: Shwai-He/SparseAdapter). Built on adapters.py: copy it with this file.
+
+Idea: score every weight of freshly initialised adapters with a pruning-at-initialisation criterion, keep
+the best (1 - s) fraction, and train only those for the whole run. Sparse adapters match dense ones up to
+high sparsity, and a wider but sparser adapter ("Large-Sparse") gains capacity at the same budget.
+
+    W_eff = M * W                    for W_down [m, d] and W_up [d, m] of every adapter; biases are not pruned
+    SNIP score  S = |W * dL/dW|      (the gradient of the loss w.r.t. a multiplicative mask at M = 1)
+    M = top-k(S),  k = ceil((1 - s) N)   over all adapter weights (scope "global") or per tensor ("tensor")
+    Large-Sparse: m' = floor(m / (1 - s)), so ceil((1 - s) 2 m' d) <= 2 m d: the dense-m budget
+
+What trains: the host adapters (adapters.py: Pfeiffer by default, or Houlsby) with the mask applied. The
+non-zero count is (1 - s) of the adapter weights plus the dense biases (`nonzero_count`).
+`count_trainable` reports the dense storage of the masked tensors, since the mask is applied in forward.
+
+Implementation of "the mask holds": a fixed mask applied in the forward pass (a `torch.nn.utils.parametrize`
+parametrisation W_eff = M * W, the mask a buffer). At pruning time the pruned raw entries are set to zero
+too. Their gradient is M * dL/dW_eff = 0 from then on, so AdamW's moments stay zero and decoupled weight
+decay of a zero is zero: pruned entries stay exactly zero, raw and effective, with any optimiser setting.
+
+Choices:
+- when the scores are computed (spec: before any optimiser step): with `batches` given, at apply time
+  from those batches (the gradient is averaged over them); without, inside the training loop at step 0,
+  from the first training batch (one batch, as SNIP), before the first update. So the method works with
+  the shared loop and the leaderboard, which never hand data to `apply`;
+- criteria: "snip" (default, the paper's best), "magnitude" |W| and "random" (data-free, scored at apply
+  time); GraSP and SynFlow are not implemented. Scores are normalised by their sum (ranking unchanged);
+- init: SNIP needs non-zero weights in both projections (spec [I]): with a zero up-projection every score
+  is zero, so the adapters' "near_identity" init (both projections ~1e-3) is the default and an all-zero
+  score is a ValueError that says so (`snip_scores` shows the pitfall);
+- one-shot pruning only (the code's iterative schedules are not implemented).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from chapters.ch2_additive.adapters import PLACEMENTS, Adapter, apply_adapters
+from minimal.gpt import GPT
+from minimal.sparse import Masks, topk_mask
+from minimal.train import Batch, Hooks
+
+CRITERIA = ("snip", "magnitude", "random")
+SCOPES = ("global", "tensor")
+
+
+class FixedMask(nn.Module):
+    """Parametrisation W_eff = M * W with a fixed bool mask M (a buffer; all True until pruned)."""
+
+    def __init__(self, shape: torch.Size, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask  # [out, in]
+
+
+def masked_weights(model: GPT) -> dict[str, nn.Parameter]:
+    """The raw (un-masked) adapter weights W by adapter linear name, e.g. "h.0.mlp_out.down"."""
+    out = {}
+    for i, block in enumerate(model.h):
+        for hook in ("attn_out", "mlp_out"):
+            a = getattr(block, hook)
+            if isinstance(a, Adapter) and parametrize.is_parametrized(a.down, "weight"):
+                for part in ("down", "up"):
+                    out[f"h.{i}.{hook}.{part}"] = getattr(a, part).parametrizations.weight.original
+    if not out:
+        raise ValueError("this model has no sparse adapters; call apply_sparse_adapter first")
+    return out
+
+
+def _mask_modules(model: GPT) -> dict[str, FixedMask]:
+    return {name: model.get_submodule(name).parametrizations.weight[0] for name in masked_weights(model)}
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+
+def snip_scores(model: GPT, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """|W * dL/dW| for every adapter weight, the gradient averaged over `batches`, normalised to sum 1."""
+    if not batches:
+        raise ValueError("SNIP needs at least one (idx, labels) batch")
+    weights = masked_weights(model)
+    device = next(iter(weights.values())).device
+    grads = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for idx, labels in batches:
+        loss = model(idx.to(device), labels=labels.to(device)).loss / len(batches)
+        for n, g in zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True):
+            grads[n] += g
+    return _normalise({n: (w.detach() * grads[n]).abs() for n, w in weights.items()})
+
+
+def data_free_scores(model: GPT, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """"magnitude" |W| or "random" U(0, 1) scores for every adapter weight."""
+    weights = masked_weights(model)
+    if criterion == "magnitude":
+        return _normalise({n: w.detach().abs() for n, w in weights.items()})
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(w.shape, generator=gen).to(w.device) for n, w in weights.items()}
+    raise ValueError(f"unknown data-free criterion {criterion!r}; choose 'magnitude' or 'random'")
+
+
+def _normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    total = sum(s.sum() for s in scores.values())
+    if total == 0:
+        raise ValueError("every pruning score is zero: with a zero-initialised up-projection SNIP gives zero "
+                         "scores to W_up and zero gradients to W_down; use init='near_identity'")
+    return {n: s / total for n, s in scores.items()}
+
+
+# ------------------------------------------------------------------------------------------ pruning
+
+
+def n_keep(n: int, sparsity: float) -> int:
+    """ceil((1 - s) n), robust to float rounding (0.6 * 1000 is 600, not 601)."""
+    return math.ceil(round((1 - sparsity) * n, 9))
+
+
+@torch.no_grad()
+def prune(model: GPT, scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global") -> Masks:
+    """Keep the top ceil((1 - s) N) scores (all adapter weights together, or per tensor); zero the rest.
+
+    Sets each FixedMask, zeroes the pruned raw weights and any gradient they hold; returns the masks.
+    """
+    check_sparsity(sparsity)
+    weights, modules = masked_weights(model), _mask_modules(model)
+    if set(scores) != set(weights):
+        raise ValueError(f"scores cover {sorted(scores)}, the adapter weights are {sorted(weights)}")
+    if scope == "global":
+        masks = topk_mask(scores, n_keep(sum(s.numel() for s in scores.values()), sparsity))
+    elif scope == "tensor":
+        masks = {n: topk_mask({n: s}, n_keep(s.numel(), sparsity))[n] for n, s in scores.items()}
+    else:
+        raise ValueError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
+    for n, keep in masks.items():
+        modules[n].mask.copy_(keep)
+        weights[n].mul_(keep)
+        if weights[n].grad is not None:
+            weights[n].grad.mul_(keep)
+    return masks
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+
+
+def large_sparse_bottleneck(bottleneck: int, sparsity: float) -> int:
+    """m' = floor(m / (1 - s)): the widest adapter whose non-zero weights fit the dense-m budget 2 m d."""
+    check_sparsity(sparsity)
+    if not isinstance(bottleneck, int) or bottleneck <= 0:
+        raise ValueError(f"bottleneck must be a positive int, got {bottleneck!r}")
+    return math.floor(bottleneck / (1 - sparsity) + 1e-9)
+
+
+def nonzero_count(model: GPT) -> dict[str, int]:
+    """{"weights": kept adapter weights, "dense_weights": all adapter weights, "biases": adapter biases}."""
+    modules = _mask_modules(model)
+    biases = sum(model.get_submodule(n).bias.numel() for n in modules)
+    return {"weights": int(sum(int(m.mask.sum()) for m in modules.values())),
+            "dense_weights": sum(m.mask.numel() for m in modules.values()), "biases": biases}
+
+
+# ------------------------------------------------------------------------------------------ the method
+
+
+def apply_sparse_adapter(
+    model: GPT,
+    bottleneck: int = 16,
+    sparsity: float = 0.5,
+    criterion: str = "snip",
+    scope: str = "global",
+    placement: str = "pfeiffer",
+    batches: list[Batch] | None = None,
+    init: str = "near_identity",
+    train_layernorm: bool | None = None,
+    seed: int = 0,
+) -> Hooks:
+    """Insert adapters (adapters.py), then prune their weights to `sparsity` with `criterion`.
+
+    SNIP with `batches`: scored and pruned now. SNIP without: scored on the first training batch at step 0
+    of the shared loop (the returned hooks), before the first optimiser step.
+    """
+    check_sparsity(sparsity)
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
+    apply_adapters(model, bottleneck, placement, init=init, train_layernorm=train_layernorm)
+    device = model.wte.weight.device
+    for block in model.h:
+        for hook in PLACEMENTS[placement]:
+            for lin in (getattr(block, hook).down, getattr(block, hook).up):
+                parametrize.register_parametrization(lin, "weight", FixedMask(lin.weight.shape, device))
+    if criterion != "snip":
+        prune(model, data_free_scores(model, criterion, seed), sparsity, scope)
+        return Hooks()
+    if batches is not None:
+        prune(model, snip_scores(model, batches), sparsity, scope)
+        return Hooks()
+    pruned = [False]
+
+    def score_at_step_zero(m: nn.Module, step: int) -> None:
+        if pruned[0]:
+            return
+        weights = masked_weights(m)
+        missing = [n for n, w in weights.items() if w.grad is None]
+        if missing:
+            raise ValueError(f"SNIP at step 0: no gradient for {missing[:3]}; is the model in the loss?")
+        prune(m, _normalise({n: (w.detach() * w.grad).abs() for n, w in weights.items()}), sparsity, scope)
+        pruned[0] = True
+
+    return Hooks(after_backward=score_at_step_zero)

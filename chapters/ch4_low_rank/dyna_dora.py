@@ -1,0 +1,217 @@
+"""Dynamic-rank DoRA: single-rank components pruned by their share of the update, to a global budget.
+
+Paper: Mao, Huang, Wang, Wang, Zhou, Cheng, Jiang, "DoRA: Enhancing Parameter-Efficient Fine-Tuning with
+Dynamic Rank Distribution", ACL 2024, arXiv 2405.17357 (code MIkumikumi0116/DoRA). Not the same method as
+dora.py (Liu et al., weight-decomposed); called "dynamic-rank DoRA" here to keep the two apart.
+
+Idea: write each LoRA as a sum of rank-1 components with their own scalar, score every component by the
+fraction of its matrix's update norm that it carries, and zero the weakest components over the whole
+model on a cubic schedule, so rank moves to the matrices that need it; a variance regulariser (DEM) keeps
+components from gaining importance just by inflating their vectors.
+
+Equations (nn.Linear layout; A [r', in], B [out, r'], c [r'], s = alpha / r', r' = ceil(1.5 r_target)):
+    y  = x W0^T + b0 + s * ((drop(x) A^T) * c) B^T          delta_weight = s * B diag(c) A    [out, in]
+    score of component i:  u_i = |c_i| ||B[:, i]|| ||A[i, :]|| / (||B diag(c) A||_F + eps)
+                           (= ||c_i B[:, i] A[i, :]||_F / ||sum_j c_j B[:, j] A[j, :]||_F, closed form)
+    EMA:                   S_i <- beta S_i + (1 - beta) u_i        every step inside the pruning window
+    DEM loss:              gamma * mean over layers of mean_i [Var(A[i, :]) + Var(B[:, i])]   until the window ends
+    pruned fraction:       p(t) = (r' - r_target) / r' * ((t - t_s) / (t_e - t_s))^3   for t_s <= t <= t_e
+    every `interval` steps in [t_s, t_e] (and at t_e): c_i = 0 for the p(t) N lowest S over all N components
+    after t_e the last mask is fixed and re-applied after every step: r_target x (number of layers) remain.
+
+What trains: A, B and c of every targeted layer: r' (in + out) + r' per layer. Pruned components stay
+trainable inside the window (and may come back at the next prune step), then are held at c = 0.
+
+Loop (minimal/train.py hooks), t = step + 1: extra_loss = DEM (while t <= t_e); step_end: update S (inside the
+window), prune when scheduled, re-apply the final mask after t_e.
+
+Choices where paper and released code differ (spec sheet sections 11 and 30):
+- The number pruned follows the schedule exactly, an integer floor((N - budget) ((t - t_s)/(t_e - t_s))^3);
+  the released code prunes at least one component at every prune step, kept as min_one_per_prune=True.
+- The window runs from start_ratio = 0.15 to end_ratio = 0.5 of the total steps (the code's defaults); the
+  prune interval is a setting (the code uses 100 steps, small runs need fewer).
+- Var is the population variance (no Bessel correction) of each component's entries.
+- Init: A and B kaiming-uniform (nn.Linear's default), c = 0, so the output equals the base model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from minimal.peft import Mergeable, freeze, inject
+from minimal.train import Hooks
+
+
+class ComponentLinear(Mergeable):
+    """y = base(x) + s * ((drop(x) A^T) * c) B^T: r' rank-1 components c_i B[:, i] A[i, :]."""
+
+    def __init__(self, base: nn.Linear, r: int = 12, alpha: float = 16.0, dropout: float = 0.0) -> None:
+        super().__init__(base)
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise TypeError(f"{type(self).__name__} rank r must be an int, got {type(r).__name__}")
+        limit = min(base.in_features, base.out_features)
+        if not 1 <= r <= limit:
+            raise ValueError(f"{type(self).__name__} rank r={r} must be in [1, {limit}] for a layer of shape "
+                             f"[out={base.out_features}, in={base.in_features}]")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.r, self.alpha, self.scale = r, float(alpha), alpha / r
+        w = base.weight  # [out, in]
+        self.A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))  # [r, in]
+        self.B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))  # [out, r]
+        self.c = nn.Parameter(torch.zeros(r, device=w.device, dtype=w.dtype))  # [r] component scalars
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [..., out]
+        if self.merged:
+            return y
+        h = (self.dropout(x) @ self.A.T) * self.c  # [..., r]
+        return y + self.scale * (h @ self.B.T)  # [..., out]
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B * self.c) @ self.A  # [out, r] @ [r, in] -> [out, in]
+
+    @torch.no_grad()
+    def component_importance(self, eps: float = 1e-8) -> torch.Tensor:
+        """u_i = ||c_i B_i A_i||_F / (||B diag(c) A||_F + eps), from the closed form |c_i| ||B_i|| ||A_i||: [r]."""
+        parts = self.c.abs() * self.B.norm(dim=0) * self.A.norm(dim=1)  # [r]
+        total = torch.linalg.matrix_norm((self.B * self.c) @ self.A)  # the scale s cancels in the ratio
+        return parts / (total + eps)
+
+    def dem(self) -> torch.Tensor:
+        """mean_i [Var(A[i, :]) + Var(B[:, i])], the Dimensional Equilibrium Modulator of this layer."""
+        return (self.A.var(dim=1, correction=0) + self.B.var(dim=0, correction=0)).mean()
+
+    def rank(self) -> int:
+        return int(torch.count_nonzero(self.c))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, merged={self.merged}"
+
+
+def pruned_count(t: int, n_total: int, budget: int, t_start: int, t_end: int, min_one: bool = False) -> int:
+    """How many components are zeroed at step t: 0 before t_start, the cubic ramp, n_total - budget after t_end."""
+    if t < t_start:
+        return 0
+    if t >= t_end:
+        return n_total - budget
+    k = ((n_total - budget) * (t - t_start) ** 3) // (t_end - t_start) ** 3
+    return max(k, 1) if min_one else k
+
+
+def prune_window(total_steps: int, start_ratio: float, end_ratio: float) -> tuple[int, int]:
+    """(t_s, t_e): the steps where pruning starts and ends."""
+    if not 0 <= start_ratio < end_ratio <= 1:
+        raise ValueError(f"need 0 <= start_ratio < end_ratio <= 1, got {start_ratio}, {end_ratio}")
+    t_start, t_end = round(start_ratio * total_steps), round(end_ratio * total_steps)
+    if t_end <= t_start:
+        raise ValueError(f"the pruning window [{t_start}, {t_end}] of {total_steps} steps is empty; "
+                         "raise total_steps or widen start_ratio..end_ratio")
+    return t_start, t_end
+
+
+class ComponentPruner:
+    """EMA importance of every component, the DEM regulariser and the global pruning schedule."""
+
+    def __init__(self, layers: dict[str, ComponentLinear], target_r: int, total_steps: int, start_ratio: float,
+                 end_ratio: float, interval: int, beta: float, dem_weight: float, eps: float,
+                 min_one_per_prune: bool) -> None:
+        self.layers = layers
+        self.n_total = sum(layer.r for layer in layers.values())
+        self.budget = target_r * len(layers)
+        self.t_start, self.t_end = prune_window(total_steps, start_ratio, end_ratio)
+        self.interval, self.beta, self.dem_weight, self.eps = interval, beta, dem_weight, eps
+        self.min_one = min_one_per_prune
+        self.scores = {name: torch.zeros_like(layer.c) for name, layer in layers.items()}  # EMA S, [r] each
+        self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(s, dtype=torch.bool) for n, s in self.scores.items()}
+        self.t = 0  # optimizer steps completed
+
+    def pruned_at(self, t: int) -> int:
+        return pruned_count(t, self.n_total, self.budget, self.t_start, self.t_end, self.min_one)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor:
+        if self.dem_weight == 0 or self.t + 1 > self.t_end:  # DEM is switched off once pruning ends
+            return torch.zeros((), device=next(iter(self.layers.values())).A.device)
+        return self.dem_weight * torch.stack([layer.dem() for layer in self.layers.values()]).mean()
+
+    @torch.no_grad()
+    def update_scores(self) -> None:
+        for name, layer in self.layers.items():
+            self.scores[name].mul_(self.beta).add_((1 - self.beta) * layer.component_importance(self.eps))
+
+    @torch.no_grad()
+    def prune(self, k: int) -> None:
+        """Zero c for the k components with the lowest EMA score over all layers."""
+        names = list(self.layers)
+        flat = torch.cat([self.scores[n] for n in names])  # [N]
+        drop = torch.zeros_like(flat, dtype=torch.bool)
+        drop[torch.argsort(flat, stable=True)[:k]] = True
+        for name, keep in zip(names, (~drop).split([self.layers[n].r for n in names])):
+            self.masks[name] = keep
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for name, layer in self.layers.items():
+            layer.c.masked_fill_(~self.masks[name], 0.0)
+
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        t = self.t = step + 1
+        if t < self.t_start:
+            return
+        if t <= self.t_end:
+            self.update_scores()
+            if (t - self.t_start) % self.interval == 0 or t == self.t_end:
+                self.prune(self.pruned_at(t))
+        else:
+            self.apply_masks()
+
+    def rank_pattern(self) -> dict[str, int]:
+        return {name: layer.rank() for name, layer in self.layers.items()}
+
+    def hooks(self) -> Hooks:
+        return Hooks(extra_loss=self.extra_loss, step_end=self.step_end)
+
+
+def apply_dyna_dora(
+    model: nn.Module,
+    total_steps: int,
+    r: int = 8,
+    init_r: int | None = None,
+    alpha: float = 16.0,
+    targets: str | Iterable[str] = ("c_attn",),
+    start_ratio: float = 0.15,
+    end_ratio: float = 0.5,
+    interval: int = 10,
+    beta: float = 0.9,
+    dem_weight: float = 0.1,
+    eps: float = 1e-8,
+    min_one_per_prune: bool = False,
+    dropout: float = 0.0,
+) -> Hooks:
+    """Freeze `model`, wrap every target in a ComponentLinear of rank init_r (ceil(1.5 r) by default) and
+    prune to r components per layer on average. The pruner is `hooks.step_end.__self__`."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"target rank r must be a positive int, got {r!r}")
+    init_r = math.ceil(1.5 * r) if init_r is None else init_r
+    if not isinstance(init_r, int) or init_r < r:
+        raise ValueError(f"init_r={init_r!r} must be an int >= the target rank r={r}")
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive int (the pruning schedule needs it), got {total_steps}")
+    prune_window(total_steps, start_ratio, end_ratio)
+    if interval <= 0 or not 0 < beta < 1 or dem_weight < 0:
+        raise ValueError(f"need interval > 0, 0 < beta < 1, dem_weight >= 0; got {interval}, {beta}, {dem_weight}")
+    freeze(model)
+    names = inject(model, targets, lambda lin: ComponentLinear(lin, r=init_r, alpha=alpha, dropout=dropout))
+    layers = {name: model.get_submodule(name) for name in names}
+    return ComponentPruner(layers, r, total_steps, start_ratio, end_ratio, interval, beta, dem_weight, eps,
+                           min_one_per_prune).hooks()
