@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import torch.nn as nn
+
 from chapters.ch1_introduction import baselines
 from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning
 from chapters.ch3_selective import bitfit, child_tuning, freeze_layers, learned_masks
-from chapters.ch4_low_rank import dora, lora, pissa
-from minimal.gpt import GPT
+from chapters.ch4_low_rank import dora, intrinsic_dimension, krona, lora, lotr, melora, mora, pissa, unified_view
 from minimal.train import Hooks
 
 
@@ -28,7 +29,7 @@ from minimal.train import Hooks
 class Method:
     name: str
     chapter: str
-    apply: Callable[[GPT], Hooks]
+    apply: Callable[..., Hooks | tuple[nn.Module, Hooks]]  # a wrapper model may come back with the hooks
     lr: float = 1e-3  # the leaderboard's learning rate for this method
     trains: bool = True  # False: evaluate the model as it is (zero-shot)
     reserved_positions: int = 0  # positions the method itself occupies (prompt/prefix tokens)
@@ -95,3 +96,21 @@ register(Method("pissa", "ch4", partial(pissa.apply_pissa, r=8, targets=("c_attn
                 description="PiSSA: principal singular components, residual frozen, r=8"))
 register(Method("milora", "ch4", partial(pissa.apply_milora, r=8, targets=("c_attn",)), lr=1e-3,
                 description="MiLoRA: minor singular components, residual frozen, r=8"))
+register(Method("krona", "ch4", partial(krona.apply_krona, scale=4.0, targets=("c_attn",)), lr=1e-2,
+                description="KronA: s*kron(A, B) on c_attn, near-square factors, s=4"))
+register(Method("kadaptation", "ch4", partial(krona.apply_kadaptation, n=4, r=2, scale=4.0, targets=("c_attn",)),
+                lr=1e-2, description="KAdaptation: sum of 4 kron(A_i shared, u_i v_i^T), r=2, on c_attn"))
+register(Method("mora", "ch4", partial(mora.apply_mora, r=8, kind="sharing", targets=("c_attn",)), lr=2e-3,
+                description="MoRA (sharing): square M at LoRA r=8's budget on c_attn"))
+register(Method("mora-rotation", "ch4", partial(mora.apply_mora, r=8, kind="rotation", targets=("c_attn",)),
+                lr=2e-3, description="MoRA (rotation): square M at LoRA r=8's budget on c_attn"))
+register(Method("melora", "ch4", partial(melora.apply_melora, n=4, r=2, targets=("c_attn",)), lr=1e-2,
+                description="MELoRA: 4 mini-LoRAs of rank 2 on c_attn (equivalent rank 8)"))
+register(Method("lotr", "ch4", partial(lotr.apply_lotr, r=8, targets=("c_attn",)), lr=1e-2,
+                description="LoTR: Tucker-2 on c_attn, U, V shared across layers, 8x8 core per layer"))
+register(Method("mam-adapter", "ch4", partial(unified_view.apply_mam_adapter, prefix_len=10, bottleneck=16), lr=2e-3,
+                reserved_positions=10, description="MAM: 10-slot prefix + scaled parallel adapter on the MLP"))
+register(Method("scaled-pa", "ch4", partial(unified_view.apply_scaled_parallel_adapter, bottleneck=16), lr=1e-3,
+                description="scaled parallel adapter (r=16, s=4) beside every MLP"))
+register(Method("intrinsic-dim", "ch4", partial(intrinsic_dimension.apply_intrinsic_dimension, d=1000,
+                exclude=("wte", "wpe")), lr=3e-2, description="DID: 1000-dim Fastfood subspace, embeddings fixed"))

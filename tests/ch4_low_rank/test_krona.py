@@ -1,0 +1,193 @@
+"""KronA and KAdaptation: identity at init, kron structure against the dense update, sharing, merge, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters.ch4_low_rank.krona import (
+    KAdaptationLinear,
+    KronALinear,
+    apply_kadaptation,
+    apply_krona,
+    kron_shapes,
+    n_kadaptation_params,
+    n_krona_params,
+)
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, merge_all, unmerge_all
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize(model: nn.Module, seed: int = 3) -> None:
+    """Random values in every zero-initialised factor, so the update is not trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for p in (m.B,) if isinstance(m, KronALinear) else (m.v,) if isinstance(m, KAdaptationLinear) else ():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    losses = []
+    for t in range(1, steps + 1):
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        with torch.no_grad():
+            for p, m, v in zip(params, m1, m2):
+                m.lerp_(p.grad, 0.1)
+                v.lerp_(p.grad.square(), 0.001)
+                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
+                p.grad = None
+        losses.append(loss.item())
+    return losses
+
+
+APPLY = {"krona": lambda m: apply_krona(m, targets=("c_attn", "c_fc")),
+         "kadaptation": lambda m: apply_kadaptation(m, n=4, r=2, targets=("c_attn", "c_fc"))}
+
+
+@pytest.mark.parametrize("method", sorted(APPLY))
+def test_identity_at_init(method: str) -> None:
+    model, idx = tiny_gpt(), batch()
+    ref = model(idx).logits
+    APPLY[method](model)
+    assert torch.equal(model(idx).logits, ref)
+
+
+def test_krona_count_and_trainable_set() -> None:
+    model = tiny_gpt()
+    apply_krona(model, targets=("c_attn", "c_fc"))
+    # c_attn [192, 64]: A [12, 8], B [16, 8]; c_fc [256, 64]: A [16, 8], B [16, 8]
+    assert kron_shapes(192, 64) == ((12, 8), (16, 8)) and kron_shapes(256, 64) == ((16, 8), (16, 8))
+    assert count_trainable(model).trainable == CFG.n_layer * (n_krona_params(192, 64) + n_krona_params(256, 64))
+    assert count_trainable(model).trainable == 2 * (12 * 8 + 16 * 8 + 16 * 8 + 16 * 8)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"h.{i}.{m}.{f}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc") for f in "AB"}
+
+
+def test_krona_delta_is_kron_and_forward_is_dense() -> None:
+    torch.manual_seed(0)
+    layer = KronALinear(nn.Linear(64, 192), a_shape=(12, 4), scale=2.0)
+    with torch.no_grad():
+        layer.B.normal_()
+    A, B = layer.A.detach(), layer.B.detach()  # [12, 4], [16, 16]
+    dense = 2.0 * torch.kron(A, B)
+    assert torch.allclose(layer.delta_weight(), dense)
+    assert torch.isclose(dense[5 * 16 + 3, 2 * 16 + 7], 2.0 * A[5, 2] * B[3, 7])  # the index rule
+    x = torch.randn(3, 5, 64)
+    ref = F.linear(x, layer.base.weight + dense, layer.base.bias)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert torch.allclose(layer.branch(x), x @ dense.T, atol=1e-5)  # reshape forward == kron matmul
+    # rank(kron(A, B)) = rank(A) rank(B): 4 * 16 = 64, full rank although only 12*4 + 16*16 numbers train
+    assert torch.linalg.matrix_rank(dense.double()) == 64
+
+
+def test_kadaptation_delta_is_sum_of_krons_and_forward_is_dense() -> None:
+    model = tiny_gpt()
+    apply_kadaptation(model, n=4, r=2, scale=3.0, targets=("c_attn",))
+    randomize(model)
+    layer = model.h[1].attn.c_attn
+    A, u, v = layer.slow.A.detach(), layer.u.detach(), layer.v.detach()
+    dense = 3.0 * sum(torch.kron(A[i], u[i] @ v[i].T) for i in range(4))  # [192, 64]
+    assert torch.allclose(layer.delta_weight(), dense, atol=1e-7)
+    x = torch.randn(2, 7, 64)
+    assert torch.allclose(layer(x), F.linear(x, layer.base.weight + dense, layer.base.bias), atol=1e-5)
+    exact = sum(torch.kron(A[i].double(), u[i].double() @ v[i].double().T) for i in range(4))
+    assert torch.linalg.matrix_rank(exact) == 4 * 4 * 2  # rank <= sum_i rank(A_i) r, reached for random factors
+
+
+def test_kadaptation_shares_slow_weights_and_sums_their_gradients() -> None:
+    shared, separate, idx = tiny_gpt(), tiny_gpt(), batch()
+    apply_kadaptation(shared, n=4, r=2, targets=("c_attn",))
+    apply_kadaptation(separate, n=4, r=2, targets=("c_attn",), share=False)
+    randomize(shared)
+    a0, a1 = shared.h[0].attn.c_attn, shared.h[1].attn.c_attn
+    assert a0.slow is a1.slow and a0.slow.A.data_ptr() == a1.slow.A.data_ptr()
+    assert a0.u.data_ptr() != a1.u.data_ptr()
+    assert separate.h[0].attn.c_attn.slow is not separate.h[1].attn.c_attn.slow
+    with torch.no_grad():  # the unshared model gets the same numbers, A copied into each layer
+        for i in range(2):
+            s, t = shared.h[i].attn.c_attn, separate.h[i].attn.c_attn
+            t.slow.A.copy_(s.slow.A), t.u.copy_(s.u), t.v.copy_(s.v)
+    # count: n^3 once (shared) vs once per layer; fast factors r (in + out) per layer
+    assert count_trainable(shared).trainable == n_kadaptation_params([(192, 64)] * 2, 1, 4, 2) == 64 + 2 * 2 * 256
+    assert count_trainable(separate).trainable == 2 * 64 + 2 * 2 * 256
+    shared(idx, labels=idx).loss.backward()
+    separate(idx, labels=idx).loss.backward()
+    g = separate.h[0].attn.c_attn.slow.A.grad + separate.h[1].attn.c_attn.slow.A.grad
+    assert g.abs().max() > 0
+    assert torch.allclose(a0.slow.A.grad, g, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(APPLY))
+def test_frozen_base_bit_identical_and_merge(method: str) -> None:
+    model, idx = tiny_gpt(), batch()
+    APPLY[method](model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    adam_steps(model, idx)
+    model.eval()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+            assert p.grad is None, n
+    unmerged = model(idx).logits
+    assert merge_all(model) == 4
+    assert torch.allclose(model(idx).logits, unmerged, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        model.h[0].attn.c_attn.merge()
+    unmerge_all(model)
+    assert torch.allclose(model.h[0].attn.c_attn.base.weight, frozen["h.0.attn.c_attn.base.weight"], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(APPLY))
+def test_learns(method: str) -> None:
+    model, idx = tiny_gpt(), batch()
+    APPLY[method](model)
+    model.train()
+    losses = adam_steps(model, idx, steps=30, lr=2e-2)
+    assert losses[-1] < losses[0] - 0.5, losses[::5]
+
+
+def test_bad_input() -> None:
+    lin = nn.Linear(64, 192)
+    with pytest.raises(ValueError, match="does not factor"):
+        KronALinear(lin, a_shape=(5, 8))  # 5 does not divide 192
+    with pytest.raises(ValueError, match="does not factor"):
+        KronALinear(lin, a_shape=(12, 7))
+    with pytest.raises(ValueError, match="two positive ints"):
+        KronALinear(lin, a_shape=(0, 8))
+    with pytest.raises(ValueError, match="scale"):
+        KronALinear(lin, scale=0.0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        KronALinear(nn.Conv1d(3, 3, 1))
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="unknown target"):
+        apply_krona(model, targets=("q_proj",))
+    with pytest.raises(ValueError, match="must divide"):
+        apply_kadaptation(tiny_gpt(), n=5)
+    with pytest.raises(ValueError, match="rank r=17"):
+        apply_kadaptation(tiny_gpt(), n=4, r=17)  # fast factors of c_attn are [48, r] and [16, r]
+    with pytest.raises(ValueError, match="positive int"):
+        apply_kadaptation(tiny_gpt(), n=0)
+    untouched = tiny_gpt()
+    with pytest.raises(ValueError):
+        apply_krona(untouched, a_shape=(12, 8), targets=("c_attn", "c_proj"))  # 12 does not divide 64
+    assert not any(isinstance(m, KronALinear) for m in untouched.modules())  # validated before replacing

@@ -1,0 +1,152 @@
+"""LoTR: shared Tucker-2 factors, per-layer cores, count formula, dense update, merge, learning, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters.ch4_low_rank.lotr import LoTRLinear, TuckerFactors, apply_lotr, n_lotr_params
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, merge_all, unmerge_all
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=3, n_head=4, n_embd=64)
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    losses = []
+    for t in range(1, steps + 1):
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        with torch.no_grad():
+            for p, m, v in zip(params, m1, m2):
+                m.lerp_(p.grad, 0.1)
+                v.lerp_(p.grad.square(), 0.001)
+                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
+                p.grad = None
+        losses.append(loss.item())
+    return losses
+
+
+def randomize_cores(model: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoTRLinear):
+                m.G.copy_(torch.randn(m.G.shape, generator=g))
+
+
+def lotr_layers(model: GPT, name: str = "attn.c_attn") -> list[LoTRLinear]:
+    return [model.get_submodule(f"h.{i}.{name}") for i in range(CFG.n_layer)]
+
+
+def test_identity_at_init_sharing_and_count() -> None:
+    model, idx = tiny_gpt(), batch()
+    ref = model(idx).logits
+    apply_lotr(model, r=4, targets=("c_attn", "c_fc"))
+    assert torch.equal(model(idx).logits, ref)
+    layers = lotr_layers(model)
+    assert all(m.factors is layers[0].factors for m in layers)
+    assert len({m.factors.U.data_ptr() for m in layers}) == 1 and len({m.G.data_ptr() for m in layers}) == 3
+    assert layers[0].factors is not model.h[0].mlp.c_fc.factors  # one pair per projection type
+    # per type: r (in + out) + N r^2;  c_attn: 4 * 256 + 3 * 16, c_fc: 4 * 320 + 3 * 16
+    assert count_trainable(model).trainable == n_lotr_params([(192, 64), (256, 64)], 3, 4) == 1072 + 1328
+    lora_equivalent = 3 * 4 * (256 + 320)  # LoRA r=4 on the same layers
+    assert count_trainable(model).trainable < lora_equivalent
+    U, V = layers[0].factors.U.detach(), layers[0].factors.V.detach()
+    assert torch.allclose(U.T @ U, torch.eye(4), atol=1e-5) and torch.allclose(V.T @ V, torch.eye(4), atol=1e-5)
+
+
+def test_delta_is_tucker_and_forward_is_dense() -> None:
+    model = tiny_gpt()
+    apply_lotr(model, r=4, alpha=8.0, targets=("c_attn",), init="normal")
+    randomize_cores(model)
+    layers = lotr_layers(model)
+    U, V = layers[0].factors.U.detach(), layers[0].factors.V.detach()
+    x = torch.randn(2, 5, 64)
+    for m in layers:
+        dense = 2.0 * U @ m.G.detach() @ V.T  # s = alpha / r = 2
+        assert torch.allclose(m.delta_weight(), dense, atol=1e-5)
+        assert torch.allclose(m(x), F.linear(x, m.base.weight + dense, m.base.bias), atol=1e-4)
+    # the stacked updates [N, out, in] have multilinear rank (r, r) in the out and in modes
+    stack = torch.stack([m.delta_weight().detach() for m in layers])  # [3, 192, 64]
+    assert torch.linalg.matrix_rank(stack.permute(1, 0, 2).reshape(192, -1), rtol=1e-4) == 4
+    assert torch.linalg.matrix_rank(stack.permute(2, 0, 1).reshape(64, -1), rtol=1e-4) == 4
+    assert torch.linalg.matrix_rank(stack.reshape(3, -1), rtol=1e-4) == 3  # distinct cores
+
+
+def test_shared_factor_gradient_is_sum_over_layers() -> None:
+    shared, idx = tiny_gpt(), batch()
+    apply_lotr(shared, r=4, targets=("c_attn",))
+    randomize_cores(shared)
+    layers = lotr_layers(shared)
+    separate = tiny_gpt()
+    apply_lotr(separate, r=4, targets=("c_attn",))
+    with torch.no_grad():  # give every layer of the second model its own copy of the same numbers
+        for i, m in enumerate(lotr_layers(separate)):
+            own = TuckerFactors(192, 64, 4)
+            own.U.copy_(layers[i].factors.U), own.V.copy_(layers[i].factors.V)
+            m.factors = own
+            m.G.copy_(layers[i].G)
+    assert torch.allclose(shared(idx).logits, separate(idx).logits, atol=1e-6)
+    shared(idx, labels=idx).loss.backward()
+    separate(idx, labels=idx).loss.backward()
+    for p in ("U", "V"):
+        total = sum(getattr(m.factors, p).grad for m in lotr_layers(separate))
+        assert total.abs().max() > 0
+        assert torch.allclose(getattr(layers[0].factors, p).grad, total, atol=1e-6)
+
+
+def test_frozen_base_bit_identical_and_merge() -> None:
+    model, idx = tiny_gpt(), batch()
+    apply_lotr(model, r=4, targets=("c_attn", "c_fc"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adam_steps(model, idx)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]) and p.grad is None, n
+    unmerged = model(idx).logits
+    assert merge_all(model) == 6
+    assert torch.allclose(model(idx).logits, unmerged, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        model.h[2].attn.c_attn.merge()
+    unmerge_all(model)
+    assert torch.allclose(model.h[2].attn.c_attn.base.weight, frozen["h.2.attn.c_attn.base.weight"], atol=1e-6)
+
+
+def test_learns() -> None:
+    model, idx = tiny_gpt(), batch()
+    apply_lotr(model, r=8, targets=("c_attn", "c_fc"))
+    losses = adam_steps(model, idx, steps=25, lr=2e-2)
+    assert losses[-1] < losses[0] - 0.5, losses[::5]
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"rank r=65 must be in \[1, 64\]"):
+        apply_lotr(tiny_gpt(), r=65)
+    with pytest.raises(ValueError, match="rank r=0"):
+        apply_lotr(tiny_gpt(), r=0)
+    with pytest.raises(TypeError, match="int"):
+        apply_lotr(tiny_gpt(), r=2.5)
+    with pytest.raises(ValueError, match="unknown LoTR init"):
+        apply_lotr(tiny_gpt(), init="tucker")
+    with pytest.raises(ValueError, match="unknown target"):
+        apply_lotr(tiny_gpt(), targets=("q_proj",))
+    with pytest.raises(ValueError, match="do not fit"):
+        LoTRLinear(nn.Linear(64, 64), TuckerFactors(192, 64, 4))
+    with pytest.raises(ValueError, match="alpha"):
+        LoTRLinear(nn.Linear(64, 64), TuckerFactors(64, 64, 4), alpha=-1.0)

@@ -1,0 +1,134 @@
+"""MELoRA: block-diagonal update, equivalent rank n r for r (in + out) numbers, merge, learning, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters.ch4_low_rank.melora import MELoRALinear, apply_melora, n_melora_params
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, merge_all, unmerge_all
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def random_layer(n: int, r: int, out_f: int = 192, in_f: int = 64, seed: int = 0) -> MELoRALinear:
+    torch.manual_seed(seed)
+    layer = MELoRALinear(nn.Linear(in_f, out_f), n=n, r=r, alpha=2.0 * r)
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
+def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    losses = []
+    for t in range(1, steps + 1):
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        with torch.no_grad():
+            for p, m, v in zip(params, m1, m2):
+                m.lerp_(p.grad, 0.1)
+                v.lerp_(p.grad.square(), 0.001)
+                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
+                p.grad = None
+        losses.append(loss.item())
+    return losses
+
+
+def test_identity_at_init_and_count() -> None:
+    model, idx = tiny_gpt(), batch()
+    ref = model(idx).logits
+    apply_melora(model, n=4, r=2, targets=("c_attn", "c_proj"))
+    assert torch.equal(model(idx).logits, ref)
+    per_block = n_melora_params(192, 64, 2) + n_melora_params(64, 64, 2) + n_melora_params(64, 256, 2)
+    assert per_block == 2 * (256 + 128 + 320)
+    assert count_trainable(model).trainable == CFG.n_layer * per_block
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"h.{i}.{m}.{f}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_proj") for f in "AB"}
+
+
+def test_delta_is_block_diagonal_with_rank_n_r() -> None:
+    layer = random_layer(n=4, r=2)
+    s = layer.scale
+    A, B = layer.A.detach(), layer.B.detach()  # [4, 2, 16], [4, 48, 2]
+    dense = torch.zeros(192, 64)
+    for i in range(4):  # the dense update written out block by block
+        dense[48 * i:48 * (i + 1), 16 * i:16 * (i + 1)] = s * B[i] @ A[i]
+    dw = layer.delta_weight()
+    assert torch.allclose(dw, dense, atol=1e-6)
+    off = torch.ones(192, 64, dtype=torch.bool)
+    for i in range(4):
+        off[48 * i:48 * (i + 1), 16 * i:16 * (i + 1)] = False
+    assert torch.count_nonzero(dw[off]) == 0  # off-diagonal blocks exactly zero
+    assert torch.linalg.matrix_rank(dw.detach(), rtol=1e-4) == 4 * 2  # equivalent rank n r ...
+    assert layer.A.numel() + layer.B.numel() == 2 * (192 + 64)  # ... for the budget of a rank-r LoRA
+    x = torch.randn(3, 5, 64)
+    assert torch.allclose(layer(x), F.linear(x, layer.base.weight + dense, layer.base.bias), atol=1e-5)
+    assert torch.allclose(layer.branch(x), layer.branch_loop(x), atol=1e-6)
+
+
+def test_n_equal_one_is_lora() -> None:
+    layer = random_layer(n=1, r=3)
+    A, B = layer.A[0].detach(), layer.B[0].detach()  # [3, 64], [192, 3]
+    assert torch.allclose(layer.delta_weight(), layer.scale * B @ A, atol=1e-6)
+    assert torch.linalg.matrix_rank(layer.delta_weight().detach(), rtol=1e-4) == 3
+
+
+def test_frozen_base_bit_identical_and_merge() -> None:
+    model, idx = tiny_gpt(), batch()
+    apply_melora(model, n=4, r=2, targets=("c_attn", "c_fc"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    adam_steps(model, idx)
+    model.eval()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]) and p.grad is None, n
+    unmerged = model(idx).logits
+    merge_all(model)
+    assert torch.allclose(model(idx).logits, unmerged, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        merge_all(model)
+    unmerge_all(model)
+    assert torch.allclose(model.h[1].mlp.c_fc.base.weight, frozen["h.1.mlp.c_fc.base.weight"], atol=1e-6)
+
+
+def test_learns() -> None:
+    model, idx = tiny_gpt(), batch()
+    apply_melora(model, n=4, r=2, targets=("c_attn", "c_fc"))
+    model.train()
+    losses = adam_steps(model, idx, steps=30, lr=2e-2)
+    assert losses[-1] < losses[0] - 0.5, losses[::5]
+
+
+def test_bad_input() -> None:
+    lin = nn.Linear(64, 192)
+    with pytest.raises(ValueError, match="divisor"):
+        MELoRALinear(lin, n=5)  # 5 divides neither 64 nor 192
+    with pytest.raises(ValueError, match="divisor"):
+        MELoRALinear(lin, n=0)
+    with pytest.raises(ValueError, match=r"mini-rank r=17 must be in \[1, 16\]"):
+        MELoRALinear(lin, n=4, r=17)
+    with pytest.raises(ValueError, match="mini-rank"):
+        MELoRALinear(lin, n=4, r=0)
+    with pytest.raises(TypeError, match="int"):
+        MELoRALinear(lin, n=4, r=2.0)
+    with pytest.raises(ValueError, match="alpha"):
+        MELoRALinear(lin, alpha=0.0)
+    with pytest.raises(ValueError, match="unknown target"):
+        apply_melora(tiny_gpt(), targets=("q_proj",))
