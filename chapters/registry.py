@@ -21,7 +21,22 @@ import torch.nn as nn
 from chapters.ch1_introduction import baselines
 from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning
 from chapters.ch3_selective import bitfit, child_tuning, freeze_layers, learned_masks
-from chapters.ch4_low_rank import dora, intrinsic_dimension, krona, lora, lotr, melora, mora, pissa, unified_view
+from chapters.ch4_low_rank import (
+    chain_of_lora,
+    dora,
+    galore,
+    intrinsic_dimension,
+    krona,
+    lisa,
+    lora,
+    lotr,
+    melora,
+    mora,
+    pissa,
+    relora,
+    sltrain,
+    unified_view,
+)
 from minimal.train import Hooks
 
 
@@ -114,3 +129,15 @@ register(Method("scaled-pa", "ch4", partial(unified_view.apply_scaled_parallel_a
                 description="scaled parallel adapter (r=16, s=4) beside every MLP"))
 register(Method("intrinsic-dim", "ch4", partial(intrinsic_dimension.apply_intrinsic_dimension, d=1000,
                 exclude=("wte", "wpe")), lr=3e-2, description="DID: 1000-dim Fastfood subspace, embeddings fixed"))
+register(Method("galore", "ch4", partial(galore.apply_galore, rank=16, update_every=50, alpha=0.25), lr=1e-3,
+                description="all weights train; Adam in a rank-16 gradient projection, refreshed every 50 steps"))
+register(Method("relora", "ch4", partial(relora.apply_relora, r=8, alpha=16, targets=("c_attn",), reset_every=50,
+                                         restart_warmup=5), lr=5e-3,
+                description="LoRA r=8 on c_attn merged and restarted every 50 steps, state pruned, jagged lr"))
+register(Method("chain-of-lora", "ch4", partial(chain_of_lora.apply_chain_of_lora, r=8, alpha=16,
+                                                targets=("c_attn",), links=3), lr=5e-3,
+                description="Chain of LoRA: 3 links (r=8, c_attn) merged in sequence"))
+register(Method("lisa", "ch4", partial(lisa.apply_lisa, n_active=1, period=20), lr=1e-3,
+                description="wte/wpe/ln_f + 1 random block, resampled every 20 steps"))
+register(Method("sltrain", "ch4", partial(sltrain.apply_sltrain, r=8, alpha=16, density=0.03, targets=("c_attn",)),
+                lr=5e-3, description="update = LoRA r=8 + 3% fixed random sparse entries on c_attn"))

@@ -1,0 +1,121 @@
+"""SLTrain: count formula, identity at init, dense equivalence, fixed support, value gradients, pretrain mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters.ch4_low_rank.sltrain import SLTrainLinear, apply_sltrain, sltrain_count
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, merge_all, unmerge_all
+from minimal.train import TrainConfig, train
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+IDX = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def run_cfg(steps: int, lr: float = 1e-2) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=4, lr=lr, warmup=2, progress=False, log_every=0)
+
+
+def randomize(layer: SLTrainLinear, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.B.copy_(0.05 * torch.randn(layer.B.shape, generator=g))
+        layer.values.copy_(0.05 * torch.randn(layer.values.shape, generator=g))
+
+
+def test_identity_at_init_and_count() -> None:
+    model = tiny_gpt()
+    ref = model(IDX).logits
+    apply_sltrain(model, r=4, density=0.05, targets=("c_attn", "c_fc"))
+    assert torch.equal(model(IDX).logits, ref)
+    d = CFG.n_embd
+    per_block = sltrain_count(d, 3 * d, 4, 0.05) + sltrain_count(d, 4 * d, 4, 0.05)
+    assert per_block == 4 * (4 * d) + math.floor(0.05 * 3 * d * d) + 4 * (5 * d) + math.floor(0.05 * 4 * d * d)
+    assert count_trainable(model).trainable == CFG.n_layer * per_block
+    names = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"A", "B", "values"}
+
+
+def test_dense_equivalence_and_merge() -> None:
+    torch.manual_seed(0)
+    layer = SLTrainLinear(nn.Linear(24, 40), r=3, alpha=6, density=0.1)
+    randomize(layer)
+    x = torch.randn(5, 24)
+    S = torch.zeros(40 * 24)
+    S[layer.idx] = layer.values.detach()
+    W = layer.base.weight + 2.0 * layer.B @ layer.A + S.view(40, 24)
+    torch.testing.assert_close(layer(x), F.linear(x, W, layer.base.bias), atol=1e-6, rtol=1e-5)
+    assert torch.linalg.matrix_rank(layer.delta_weight().detach()).item() > 3  # sparse part lifts the rank
+    y = layer(x)
+    w0 = layer.base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_support_is_fixed_sorted_unique_and_only_values_get_gradients() -> None:
+    model = tiny_gpt()
+    hooks = apply_sltrain(model, r=4, density=0.03, targets=("c_attn",))
+    layer = model.h[0].attn.c_attn
+    idx0 = layer.idx.clone()
+    assert layer.nnz == math.floor(0.03 * 64 * 192) and "h.0.attn.c_attn.idx" in dict(model.named_buffers())
+    assert idx0.unique().numel() == idx0.numel() and torch.equal(idx0, idx0.sort().values)
+    assert 0 <= idx0.min() and idx0.max() < 64 * 192
+    w0 = layer.base.weight.detach().clone()
+    train(model, lambda g: (IDX, IDX), run_cfg(8), hooks)
+    assert torch.equal(layer.idx, idx0) and torch.equal(layer.base.weight, w0)
+    sparse = (layer.delta_weight() - layer.scale * layer.B @ layer.A).detach().flatten()
+    off = torch.ones_like(sparse, dtype=torch.bool)
+    off[idx0] = False
+    assert torch.count_nonzero(sparse[off]) == 0 and torch.count_nonzero(sparse[idx0]) > 0.9 * layer.nnz
+    # the values' gradient is the dense gradient of S gathered at the support
+    S = layer.sparse_weight().detach().requires_grad_()
+    x = torch.randn(3, 64)
+    F.linear(x, S).pow(2).sum().backward()
+    layer.values.grad = None
+    F.linear(x, layer.sparse_weight()).pow(2).sum().backward()
+    torch.testing.assert_close(layer.values.grad, S.grad.flatten()[idx0])
+    assert torch.count_nonzero(S.grad.flatten()[off]) > 0  # the dense gradient is not sparse
+
+
+def test_pretrain_mode_is_the_papers_parameterisation() -> None:
+    model = tiny_gpt()
+    apply_sltrain(model, r=4, density=0.05, targets=("c_attn", "c_proj", "c_fc"), mode="pretrain")
+    layer = model.h[1].mlp.c_fc
+    assert torch.count_nonzero(layer.base.weight) == 0 and not layer.base.weight.requires_grad
+    torch.testing.assert_close(layer.delta_weight(), layer.sparse_weight())  # B = 0: the layer starts as S
+    assert layer.values.abs().max() <= 1 / math.sqrt(64) and torch.count_nonzero(layer.values) == layer.nnz
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in dict(model.named_parameters()) if n.endswith(".base.weight")}
+
+
+def test_it_learns_and_errors() -> None:
+    model = tiny_gpt()
+    before = model(IDX, labels=IDX).loss.item()
+    train(model, lambda g: (IDX, IDX), run_cfg(30), apply_sltrain(model, r=8, targets=("c_attn", "c_fc")))
+    with torch.no_grad():
+        assert model(IDX, labels=IDX).loss.item() < before - 0.3
+    merge_all(model)
+    unmerge_all(model)
+    with pytest.raises(ValueError, match="density"):
+        apply_sltrain(tiny_gpt(), density=0.0)
+    with pytest.raises(ValueError, match="density"):
+        apply_sltrain(tiny_gpt(), density=1e-6)
+    with pytest.raises(ValueError, match="rank"):
+        apply_sltrain(tiny_gpt(), r=65)
+    with pytest.raises(ValueError, match="mode"):
+        apply_sltrain(tiny_gpt(), mode="scratch")
+    with pytest.raises(ValueError, match="unknown target"):
+        apply_sltrain(tiny_gpt(), targets=("wq",))
