@@ -41,8 +41,9 @@ def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base"
     out = method.apply(model, task) if method.needs_task else method.apply(model)
     model, hooks = out if isinstance(out, tuple) else (model, out)
     counts = count_trainable(model)
-    row = {"method": method.name, "task": task_name, "trainable": counts.trainable, "total": counts.total,
-           "percent": counts.percent, "seconds_per_step": None, "peak_memory_mb": None}
+    trainable = hooks.n_trainable or counts.trainable  # gradient-masking methods state their own count
+    row = {"method": method.name, "task": task_name, "trainable": trainable, "total": counts.total,
+           "percent": 100 * trainable / counts.total, "seconds_per_step": None, "peak_memory_mb": None}
     block = model.config.block_size - method.reserved_positions  # room left for the task's tokens
     if method.trains:
         result = train(model, lambda g: task_batch(task, cfg.batch_size, block, g),

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from chapters.ch1_introduction import baselines
 from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning
-from chapters.ch3_selective import bitfit, child_tuning, freeze_layers, learned_masks
+from chapters.ch3_selective import bitfit, child_tuning, fish_dip, freeze_layers, learned_masks, lt_sft, pafi_hiwi, sam
 from chapters.ch4_low_rank import (
     chain_of_lora,
     dora,
@@ -101,6 +101,16 @@ register(Method("child-tuning-d", "ch3", partial(child_tuning.apply_child_tuning
                 needs_task=True, description="Fisher-chosen child network, 30% of block entries"))
 register(Method("learned-masks", "ch3", learned_masks.apply_learned_masks, lr=1e-3,
                 description="binary masks over block weights (straight-through)"))
+register(Method("sam", "ch3", partial(sam.apply_sam, fraction=0.005, n_batches=32), lr=5e-3, needs_task=True,
+                description="top 0.5% |summed burn-in gradient| per tensor"))
+register(Method("pafi", "ch3", partial(pafi_hiwi.apply_pafi, fraction=0.005), lr=5e-3,
+                description="smallest-|w| 0.5% of block weights, one mask for every task"))
+register(Method("hiwi", "ch3", partial(pafi_hiwi.apply_hiwi, r=8), lr=1e-2,
+                description="adapter on mlp.c_fc.bias, merged away (no latency)"))
+register(Method("lt-sft", "ch3", partial(lt_sft.apply_lt_sft, fraction=0.005, full_steps=60), lr=2e-2,
+                needs_task=True, description="top 0.5% most-moved entries after 60 full steps, rewound"))
+register(Method("fish-dip", "ch3", partial(fish_dip.apply_fish_dip, fraction=0.005, every=50), lr=5e-3,
+                needs_task=True, description="0.5% Fisher mask from the hardest samples, refreshed every 50 steps"))
 
 # chapter 4: low-rank methods
 register(Method("lora", "ch4", partial(lora.apply_lora, r=8, alpha=16, targets=("c_attn",)), lr=5e-3,

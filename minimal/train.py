@@ -65,6 +65,9 @@ class Hooks:
     after_backward: Callable[[nn.Module, int], None] | None = None
     step_end: Callable[[nn.Module, int, torch.optim.Optimizer], None] | None = None
     make_optimizer: Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer] | None = None
+    # entries actually updated, for methods that mask gradients of whole tensors (FISH-DIP, ...):
+    # requires_grad would count every entry of those tensors
+    n_trainable: int | None = None
 
 
 @dataclass
@@ -136,7 +139,7 @@ def train(
     device = next(model.parameters()).device
     optimizer = (hooks.make_optimizer or default_optimizer)(params, cfg)
     counts = count_trainable(model)
-    result = TrainResult(trainable=counts.trainable, total=counts.total)
+    result = TrainResult(trainable=hooks.n_trainable or counts.trainable, total=counts.total)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=cfg.steps, desc=desc, disable=not _interactive(cfg), leave=False)

@@ -58,3 +58,13 @@ def test_leaderboard_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "leaderboard.png").stat().st_size > 0
     with pytest.raises(ValueError, match="unknown task"):
         leaderboard.main(["--tasks", "nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("name", ["fish-dip"])
+def test_gradient_masking_methods_state_the_entries_they_update(name, small_vocab_gpt):
+    """requires_grad covers whole tensors; the stated count is the mask's size (0.5% of the entries)."""
+    method = get_method(name)
+    hooks = method.apply(small_vocab_gpt, get_task("sentiment"))
+    total = count_trainable(small_vocab_gpt).total
+    assert hooks.n_trainable is not None
+    assert 0 < hooks.n_trainable <= 0.005 * total < count_trainable(small_vocab_gpt).trainable

@@ -117,4 +117,6 @@ def apply_fish_mask(model: GPT, data: Task | Batch | None, fraction: float = 0.0
     params = dict(model.named_parameters())
     for n in mask:
         params[n].requires_grad_(True)
-    return GradMask(model, mask, restore=True).hooks()
+    hooks = GradMask(model, mask, restore=True).hooks()
+    hooks.n_trainable = sum(int(m.sum()) for m in mask.values())
+    return hooks

@@ -110,6 +110,17 @@ def apply_lottery_ticket(model: nn.Module, masks: Masks) -> Hooks:
     return GradMask(model, masks, restore=True).hooks()  # restore: pruned entries copied back to 0
 
 
+def _saving_at(step_end: Callable, k: int, saved: dict[str, State]) -> Callable:
+    """step_end that also stores theta_k (the weights after k optimiser steps) in saved["rewind"]."""
+
+    def hook(model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        step_end(model, step, optimizer)
+        if step + 1 == k:
+            saved["rewind"] = snapshot(model)
+
+    return hook
+
+
 @dataclass
 class Ticket:
     masks: Masks  # the surviving weights
@@ -135,14 +146,7 @@ def find_ticket(model: nn.Module, get_batch: Callable[[torch.Generator], Batch],
     for r in range(rounds):
         hooks = apply_lottery_ticket(model, masks)
         if r == 0 and rewind_step > 0:
-            mask_end = hooks.step_end
-
-            def step_end(m: nn.Module, step: int, opt: torch.optim.Optimizer) -> None:
-                mask_end(m, step, opt)
-                if step + 1 == rewind_step:
-                    saved["rewind"] = snapshot(m)  # theta_k: the weights after k optimiser steps
-
-            hooks.step_end = step_end
+            hooks.step_end = _saving_at(hooks.step_end, rewind_step, saved)
         result = train(model, get_batch, cfg, hooks, desc=f"IMP round {r + 1}/{rounds}")
         history.append({"round": r + 1, "remaining": remaining_fraction(masks), "final_loss": result.final_loss})
         masks = prune_step(model, masks, p, per_layer)

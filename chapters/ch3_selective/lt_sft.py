@@ -131,7 +131,8 @@ class SparseDiff:
         index, values, shapes = {}, {}, {}
         for name, sd, vals in sparse_deltas(model):
             keep = vals.detach().abs() > eps
-            index[name], values[name], shapes[name] = sd.index[keep].clone(), vals.detach()[keep].clone(), sd.theta0.shape
+            index[name], values[name] = sd.index[keep].clone(), vals.detach()[keep].clone()
+            shapes[name] = sd.theta0.shape
         if not index:
             raise ValueError("the model has no sparse deltas (apply_lt_sft it, or use SparseDiff.between)")
         return cls(index, values, shapes)
@@ -183,7 +184,8 @@ class SparseDiff:
                              "(merge_sparse_deltas first, or a model of another architecture)")
         for n, idx in self.index.items():
             if params[n].shape != self.shapes[n]:
-                raise ValueError(f"{n}: phi is for shape {tuple(self.shapes[n])}, the model has {tuple(params[n].shape)}")
+                raise ValueError(f"{n}: phi is for shape {tuple(self.shapes[n])}, "
+                                 f"the model has {tuple(params[n].shape)}")
             flat = params[n].view(-1)
             flat.index_add_(0, idx, (alpha * self.values[n]).to(flat.dtype))
         return model

@@ -1,0 +1,159 @@
+"""FISH-DIP: sample-aware dynamic sparse fine-tuning.
+
+Paper: Das, Zhang, Shi, Yin, Zhang, "Unified Low-Resource Sequence Labeling by Sample-Aware Dynamic
+Sparse Finetuning", EMNLP 2023, arXiv 2311.03748.
+
+Idea: a FISH mask (train the k entries of highest Fisher information) that follows the hard examples.
+The Fisher is measured only on the training samples the model currently fits worst, and the mask is
+recomputed every R steps, so the trainable subset moves as those samples change.
+
+    every R steps, at the current theta:
+      l_j = mean token cross-entropy of training sample j                      j = 1..N
+      S   = the n samples of highest l_j,   n = clamp(floor(0.1 * N_batches), 3, 25)
+      F_i = sum_{j in S} (d l_j / d theta_i)^2                                  per-example squares
+      M   = top-k of F over all eligible entries (global),  k = floor(rho * Phi)
+    between refreshes:  grad <- grad * M  before the optimiser step
+
+What trains: k entries at a time, anywhere in the model except the tied wte (our head, frozen; the
+paper's k also subtracts its dense head). Over a run many more entries can change, since M moves.
+
+Implementation: `FishDip` holds the current mask and plugs into the shared loop: after_backward masks
+the gradients, step_end recomputes the mask after every R-th optimiser step (the first mask is computed
+before training, "step 0"). The Fisher uses `minimal.sparse.empirical_fisher` on the chosen samples
+(its mean over S has the same top-k as the sum). Choices: the optimiser state persists across
+refreshes, as in the released code, so momentum would still move entries that just left the mask;
+with strict=True (our default) every entry outside the current mask is copied back after each step to
+its value at the last refresh, so it is truly fixed until the mask picks it again. strict=False is the
+released behaviour (gradient masking only). The sample pool is a fixed set of N training examples
+(a Task's train split is sampled once: n_samples), N_batches = ceil(N / 8) (the paper's batch size 8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimal.data import Task, collate
+from minimal.gpt import GPT
+from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask
+from minimal.train import Batch, Hooks
+
+
+@torch.no_grad()
+def sample_losses(model: nn.Module, idx: torch.Tensor, labels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Each example's mean cross-entropy over its target tokens: [N] (dropout off)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for x, y in zip(idx.split(chunk), labels.split(chunk), strict=True):
+            logits = model(x).logits[:, :-1]  # [b, T-1, V]: position t predicts token t+1
+            target = y[:, 1:]  # [b, T-1]
+            ce = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [b, T-1]
+            count = (target != -100).sum(1)
+            if bool((count == 0).any()):
+                raise ValueError("an example has no target token (all labels -100)")
+            out.append(ce.sum(1) / count)
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def default_n_hard(n_samples: int, batch_size: int = 8) -> int:
+    """The released rule n = clamp(floor(0.1 * N_batches), 3, 25), never more than the pool holds."""
+    return min(n_samples, max(3, min(25, math.floor(0.1 * math.ceil(n_samples / batch_size)))))
+
+
+def dip_mask(model: nn.Module, idx: torch.Tensor, labels: torch.Tensor, k: int, names: list[str],
+             n_hard: int) -> tuple[Masks, torch.Tensor]:
+    """(top-k Fisher mask over the n_hard highest-loss samples, the indices of those samples)."""
+    if not 0 < n_hard <= idx.shape[0]:
+        raise ValueError(f"n_hard must be in [1, {idx.shape[0]}] (the pool size), got {n_hard}")
+    hard = torch.topk(sample_losses(model, idx, labels), n_hard).indices  # [n_hard]
+    fisher = empirical_fisher(model, idx[hard], labels[hard], names=names, method="vmap")
+    return topk_mask(fisher, k), hard
+
+
+class FishDip:
+    """The dynamic mask and its hooks: masked gradients, refresh every `every` steps from the hardest samples."""
+
+    def __init__(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor, fraction: float = 0.01,
+                 every: int = 100, n_hard: int | None = None, exclude: tuple[str, ...] = ("wte.weight",),
+                 strict: bool = True) -> None:
+        if not isinstance(every, int) or every <= 0:
+            raise ValueError(f"every (steps between mask refreshes) must be a positive int, got {every!r}")
+        params = dict(model.named_parameters())
+        unknown = [e for e in exclude if e not in params]
+        if unknown:
+            raise ValueError(f"exclude names unknown parameters {unknown}; parameters are e.g. {list(params)[:5]}")
+        self.names = [n for n in params if n not in exclude]
+        self.k = budget(fraction, sum(p.numel() for p in params.values()))
+        n_eligible = sum(params[n].numel() for n in self.names)
+        if self.k > n_eligible:
+            raise ValueError(f"fraction {fraction} asks for {self.k} entries but only {n_eligible} are eligible")
+        self.idx, self.labels = idx, labels  # the sample pool [N, T]
+        self.n_hard = default_n_hard(idx.shape[0]) if n_hard is None else n_hard
+        self.every, self.strict = every, strict
+        self.masks: Masks = {}
+        self.held: dict[str, torch.Tensor] = {}  # values at the last refresh (strict mode)
+        self.refreshes: list[int] = []  # optimiser steps completed at each refresh (0 = before training)
+        self.overlaps: list[float] = []  # Jaccard overlap of each new mask with the one it replaced
+        self.hard: torch.Tensor | None = None  # the samples behind the current mask
+        self.refresh(model, 0)
+
+    @torch.no_grad()
+    def refresh(self, model: nn.Module, step: int) -> None:
+        masks, self.hard = dip_mask(model, self.idx, self.labels, self.k, self.names, self.n_hard)
+        if self.masks:
+            self.overlaps.append(mask_overlap(self.masks, masks))
+        self.masks = masks
+        self.refreshes.append(step)
+        if self.strict:
+            params = dict(model.named_parameters())
+            self.held = {n: params[n].detach().clone() for n in self.names}
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        params = dict(model.named_parameters())
+        for n, m in self.masks.items():
+            if params[n].grad is not None:
+                params[n].grad.mul_(m)
+
+    @torch.no_grad()
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.strict:
+            params = dict(model.named_parameters())
+            for n, m in self.masks.items():
+                params[n].copy_(torch.where(m, params[n], self.held[n]))
+        if (step + 1) % self.every == 0:
+            self.refresh(model, step + 1)
+
+    def hooks(self) -> Hooks:
+        return Hooks(after_backward=self.after_backward, step_end=self.step_end, n_trainable=self.k)
+
+
+def sample_pool(data: Task | Batch, n_samples: int, block_size: int, seed: int = 0) -> Batch:
+    """(idx, labels) [N, T]: up to n_samples examples drawn once from a Task's train split, or a given batch."""
+    if n_samples <= 0:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    if isinstance(data, Task):
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_samples]
+        return collate([data.train[i] for i in order.tolist()], block_size)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0][:n_samples], data[1][:n_samples]
+    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
+
+
+def apply_fish_dip(model: GPT, data: Task | Batch, fraction: float = 0.01, every: int = 100, n_samples: int = 256,
+                   n_hard: int | None = None, exclude: tuple[str, ...] = ("wte.weight",), strict: bool = True,
+                   seed: int = 0) -> Hooks:
+    """Pool `n_samples` training examples, compute the first mask, train everything but `exclude` under it."""
+    device = next(model.parameters()).device
+    idx, labels = (t.to(device) for t in sample_pool(data, n_samples, model.config.block_size, seed))
+    dip = FishDip(model, idx, labels, fraction, every, n_hard, exclude, strict)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in dip.names)
+    return dip.hooks()

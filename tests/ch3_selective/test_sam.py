@@ -1,0 +1,206 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from chapters.ch3_selective.sam import (
+    accumulated_gradient,
+    apply_sam,
+    burn_in_batches,
+    sam_mask,
+    second_order_scores,
+)
+from minimal.data import Example, Task
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable
+from minimal.sparse import delta_masks, mask_count
+from minimal.train import TrainConfig, train
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG)
+
+
+def make_batches(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, CFG.vocab_size, (4, 12), generator=g)
+        labels = idx.clone()
+        labels[:, :5] = -100
+        out.append((idx, labels))
+    return out
+
+
+def effective(model):
+    out = {}
+    for name in [n for n, _ in tiny().named_parameters()]:
+        module, attr = name.rsplit(".", 1)
+        out[name] = getattr(model.get_submodule(module), attr).detach().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the quadratic toy
+
+
+class Quadratic(nn.Module):
+    """L_t(theta) = g_t . (theta - theta0) + 1/2 sum_i h_i (theta - theta0)_i^2, one g_t per 'batch'."""
+
+    def __init__(self, n: int, h: torch.Tensor) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(n))
+        self.theta0 = self.theta.detach().clone()
+        self.h = h
+
+
+def quad_loss(model: Quadratic, g_t: torch.Tensor) -> torch.Tensor:
+    d = model.theta - model.theta0
+    return g_t @ d + 0.5 * (model.h * d.square()).sum()
+
+
+def brute_force_best_mask(model: Quadratic, gs: list[torch.Tensor], K: int) -> set[int]:
+    """Try every K-subset: solve the restricted quadratic exactly and evaluate the summed loss."""
+    n = model.theta.numel()
+    H = torch.diag(model.h) * len(gs)  # Hessian of sum_t L_t
+    G = torch.stack(gs).sum(0)
+    best, best_loss = None, float("inf")
+    for subset in itertools.combinations(range(n), K):
+        s = list(subset)
+        delta = torch.zeros(n)
+        delta[s] = torch.linalg.solve(H[s][:, s], -G[s])
+        with torch.no_grad():
+            model.theta.copy_(model.theta0 + delta)
+            loss = sum(quad_loss(model, g).item() for g in gs)
+            model.theta.copy_(model.theta0)
+        if loss < best_loss - 1e-9:
+            best, best_loss = set(s), loss
+    return best
+
+
+def chosen(mask):
+    return set(mask["theta"].nonzero().squeeze(1).tolist())
+
+
+def test_uniform_curvature_brute_force_equals_top_abs_accumulated_gradient():
+    torch.manual_seed(0)
+    n, K = 8, 3
+    model = Quadratic(n, torch.full((n,), 2.0))
+    gs = [torch.randn(n) for _ in range(4)]
+    G = accumulated_gradient(model, gs, loss_fn=quad_loss)
+    assert torch.allclose(G["theta"], torch.stack(gs).sum(0), atol=1e-6)
+    assert torch.equal(model.theta.detach(), model.theta0) and model.theta.grad is None  # no update
+    mask = sam_mask(G, fraction=K / n)
+    assert chosen(mask) == brute_force_best_mask(model, gs, K)
+
+
+def test_non_uniform_curvature_needs_g_squared_over_h():
+    n, K = 6, 2
+    h = torch.tensor([20.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    model = Quadratic(n, h)
+    g = torch.tensor([3.0, 2.0, 1.5, 0.1, -0.2, 0.3])  # |g| ranks entry 0 first, but it is very curved
+    G = accumulated_gradient(model, [g], loss_fn=quad_loss)
+    best = brute_force_best_mask(model, [g], K)
+    theory = sam_mask(second_order_scores(G, {"theta": h}), fraction=K / n)
+    assert chosen(theory) == best == {1, 2}
+    assert chosen(sam_mask(G, fraction=K / n)) != best  # the |g| rule is only right for uniform h
+
+
+# ------------------------------------------------------------------------------------------ on the GPT
+
+
+def test_accumulated_gradient_is_the_signed_sum_and_changes_nothing():
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = make_batches(3)
+    G = accumulated_gradient(model, batches, names=["h.0.mlp.c_fc.weight", "h.1.attn.c_attn.bias"])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
+    expected = {n: torch.zeros_like(G[n]) for n in G}
+    for idx, labels in batches:
+        model.zero_grad()
+        model(idx, labels=labels).loss.backward()
+        for n in G:
+            expected[n] += model.get_parameter(n).grad
+    for n in G:
+        assert torch.allclose(G[n], expected[n], atol=1e-6)
+
+
+def test_mask_is_per_tensor_top_of_abs_gradient_with_the_exact_budget():
+    model = tiny()
+    batches = make_batches(3)
+    rho = 0.05
+    G = accumulated_gradient(model, batches, [n for n, _ in model.named_parameters() if n != "wte.weight"])
+    mask = sam_mask(G, rho)
+    for n, m in mask.items():
+        k = int(rho * m.numel())
+        assert int(m.sum()) == k
+        if 0 < k < m.numel():
+            assert G[n].abs()[m].min() >= G[n].abs()[~m].max()
+    apply_sam(model, batches, fraction=rho)
+    expected = sum(int(rho * p.numel()) for n, p in tiny().named_parameters() if n != "wte.weight")
+    assert count_trainable(model).trainable == expected == mask_count(delta_masks(model))
+    assert all(torch.equal(delta_masks(model)[n], mask[n]) for n in delta_masks(model))
+    assert "wte.weight" not in delta_masks(model)
+
+
+def test_global_variant_keeps_k_entries_overall():
+    G = {"a": torch.tensor([5.0, -1.0, 0.5]), "b": torch.tensor([[-4.0, 0.1], [3.0, 0.0]])}
+    mask = sam_mask(G, fraction=3 / 7, per_tensor=False)
+    assert mask["a"].tolist() == [True, False, False] and mask["b"].tolist() == [[True, False], [True, False]]
+
+
+def test_training_learns_and_leaves_unselected_entries_bitwise():
+    model = tiny()
+    batches = make_batches(3)
+    theta0 = effective(model)
+    apply_sam(model, batches, fraction=0.05)
+    masks = delta_masks(model)
+    idx, labels = batches[0]
+    res = train(model, lambda g: (idx, labels), TrainConfig(steps=15, lr=1e-2, warmup=0, log_every=0))
+    assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.05
+    after = effective(model)
+    for n, t in after.items():
+        m = masks.get(n, torch.zeros_like(t, dtype=torch.bool))
+        assert torch.equal(t[~m], theta0[n][~m]), n
+    assert any(not torch.equal(after[n][m], theta0[n][m]) for n, m in masks.items())
+
+
+def test_grad_mask_implementation_uses_the_same_mask():
+    batches = make_batches(2)
+    a, b = tiny(), tiny()
+    apply_sam(a, batches, fraction=0.05)
+    hooks = apply_sam(b, batches, fraction=0.05, implementation="grad_mask")
+    assert hooks.after_backward is not None
+    trainable = {n for n, p in b.named_parameters() if p.requires_grad}
+    assert trainable == set(delta_masks(a))
+
+
+def test_burn_in_batches_from_a_task_are_deterministic():
+    task = Task("t", "classify", {"train": [Example(f"item {i}", "yes") for i in range(20)], "val": [], "test": []})
+    one = burn_in_batches(task, 32, batch_size=4, n_batches=3, seed=1)
+    two = burn_in_batches(task, 32, batch_size=4, n_batches=3, seed=1)
+    assert len(one) == 3 and all(torch.equal(x[0], y[0]) for x, y in zip(one, two))
+
+
+def test_errors():
+    model = tiny()
+    batches = make_batches(1)
+    with pytest.raises(ValueError, match="implementation"):
+        apply_sam(model, batches, implementation="dense")
+    with pytest.raises(ValueError, match="exclude"):
+        apply_sam(model, batches, exclude=("lm_head.weight",))
+    with pytest.raises(ValueError, match="fraction"):
+        sam_mask({"a": torch.ones(3)}, fraction=1.5)
+    with pytest.raises(ValueError, match="selects no entry"):
+        sam_mask({"a": torch.ones(3)}, fraction=0.1)
+    with pytest.raises(ValueError, match="no batches"):
+        accumulated_gradient(model, [])
+    with pytest.raises(ValueError, match="positive"):
+        second_order_scores({"a": torch.ones(2)}, {"a": torch.tensor([1.0, 0.0])})
+    apply_sam(model, batches, fraction=0.05)
+    with pytest.raises(ValueError, match="already has sparse deltas"):
+        apply_sam(model, batches, fraction=0.05)
