@@ -19,7 +19,7 @@ from functools import partial
 import torch.nn as nn
 
 from chapters.ch1_introduction import baselines
-from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning
+from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning, sparse_adapter
 from chapters.ch3_selective import bitfit, child_tuning, fish_dip, freeze_layers, learned_masks, lt_sft, pafi_hiwi, sam
 from chapters.ch4_low_rank import (
     chain_of_lora,
@@ -88,6 +88,8 @@ register(Method("fish-mask", "ch2", partial(fish_mask.apply_fish_mask, fraction=
                 needs_task=True, description="top-0.5% empirical-Fisher entries"))
 register(Method("fish-random", "ch2", partial(fish_mask.apply_fish_mask, data=None, fraction=0.005, score="random"),
                 lr=5e-3, description="random 0.5% entries (the FISH baseline)"))
+register(Method("sparse-adapter", "ch2", partial(sparse_adapter.apply_sparse_adapter, bottleneck=16, sparsity=0.5),
+                lr=3e-3, description="Pfeiffer m=16 SNIP-pruned to 50% at step 0 (counted dense; non-zeros = m=8)"))
 
 # chapter 3: selective methods
 register(Method("bitfit", "ch3", partial(bitfit.apply_bitfit, variant="all"), lr=3e-2, description="all biases"))
