@@ -14,18 +14,21 @@ per task, seconds per step, peak memory), results/leaderboard.json, and results/
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from chapters.registry import METHODS, Method, get_method
-from minimal.data import get_task, task_batch
+from minimal.data import Task, get_task, task_batch
 from minimal.peft import count_trainable
 from minimal.pretrained import load_base
-from minimal.train import TrainConfig, evaluate_task, train
+from minimal.train import Hooks, TrainConfig, evaluate_task, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = ("sentiment", "family")  # --tasks camel kv_recall ... adds more
@@ -33,13 +36,21 @@ DEFAULT = TrainConfig(steps=250, batch_size=16, warmup=20, log_every=0)
 MAX_TEST = 100  # test examples scored per task
 
 
+def apply_method(method: Method, model: nn.Module, task: Task, steps: int) -> tuple[nn.Module, Hooks]:
+    """Apply a registered method: pass the task if it reads data, the run length if it has a schedule."""
+    apply = method.apply
+    if "total_steps" in inspect.signature(apply).parameters:  # schedules over the whole run (AdaLoRA, ...)
+        apply = partial(apply, total_steps=steps)
+    out = apply(model, task) if method.needs_task else apply(model)
+    return out if isinstance(out, tuple) else (model, out)
+
+
 def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base") -> dict:
     """Apply `method` to a fresh copy of the base, fine-tune on one task, evaluate on its test split."""
     torch.manual_seed(cfg.seed)
     model = load_base(base)
     task = get_task(task_name)
-    out = method.apply(model, task) if method.needs_task else method.apply(model)
-    model, hooks = out if isinstance(out, tuple) else (model, out)
+    model, hooks = apply_method(method, model, task, cfg.steps)
     counts = count_trainable(model)
     trainable = hooks.n_trainable or counts.trainable  # gradient-masking methods state their own count
     row = {"method": method.name, "task": task_name, "trainable": trainable, "total": counts.total,

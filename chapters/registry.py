@@ -7,7 +7,8 @@ inserts its modules or chooses its trainable entries, and returns the hooks it n
 are not a training recipe (proxy-tuning, LoraHub, serving, ...) are plain functions in their chapter
 and are not listed here.
 
-Each chapter registers its methods below with the settings used on the leaderboard.
+A method with a schedule over the whole run (AdaLoRA's budget, ...) takes `total_steps`; the leaderboard
+passes its own step count there. Each chapter registers its methods below with the settings used on the leaderboard.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from chapters.ch1_introduction import baselines
 from chapters.ch2_additive import adapters, fish_mask, ia3, prefix_tuning, prompt_tuning, sparse_adapter
 from chapters.ch3_selective import bitfit, child_tuning, fish_dip, freeze_layers, learned_masks, lt_sft, pafi_hiwi, sam
 from chapters.ch4_low_rank import (
+    adalora,
     chain_of_lora,
     dora,
+    dylora,
+    dyna_dora,
     galore,
     intrinsic_dimension,
     krona,
@@ -35,6 +39,7 @@ from chapters.ch4_low_rank import (
     pissa,
     relora,
     sltrain,
+    sora,
     unified_view,
 )
 from minimal.train import Hooks
@@ -153,3 +158,20 @@ register(Method("lisa", "ch4", partial(lisa.apply_lisa, n_active=1, period=20), 
                 description="wte/wpe/ln_f + 1 random block, resampled every 20 steps"))
 register(Method("sltrain", "ch4", partial(sltrain.apply_sltrain, r=8, alpha=16, density=0.03, targets=("c_attn",)),
                 lr=5e-3, description="update = LoRA r=8 + 3% fixed random sparse entries on c_attn"))
+
+
+def _adalora(model: nn.Module, total_steps: int) -> Hooks:
+    """AdaLoRA's budget phases as fractions of the run: 10% warm-up at full rank, 30% at the final budget."""
+    return adalora.apply_adalora(model, total_steps, init_r=12, target_r=8, alpha=16, targets=("c_attn",),
+                                 t_init=total_steps // 10, t_final=3 * total_steps // 10, delta_t=5)
+
+
+register(Method("adalora", "ch4", _adalora, lr=1e-2,
+                description="AdaLoRA: SVD-form update, rank 12 -> average 8 on c_attn by importance, cubic budget"))
+register(Method("sora", "ch4", partial(sora.apply_sora, r=8, alpha=16, targets=("c_attn",), xi=1e-4), lr=1e-2,
+                description="SoRA: LoRA r_max=8 with a soft-thresholded gate between A and B"))
+register(Method("dyna-dora", "ch4", partial(dyna_dora.apply_dyna_dora, r=8, alpha=16, targets=("c_attn",),
+                                            interval=10), lr=1e-2,
+                description="dynamic-rank DoRA: 12 rank-1 components per matrix pruned to 8 on average"))
+register(Method("dylora", "ch4", partial(dylora.apply_dylora, r=8, alpha=16, targets=("c_attn",)), lr=1e-2,
+                description="DyLoRA: random rank 1..8 per step (frozen mode), served at rank 8"))

@@ -24,8 +24,7 @@ def test_method_applies_and_trains(name, small_vocab_gpt):
     method = get_method(name)
     task = get_task("sentiment")
     before = {n: p.detach().clone() for n, p in small_vocab_gpt.named_parameters()}
-    out = method.apply(small_vocab_gpt, task) if method.needs_task else method.apply(small_vocab_gpt)
-    model, hooks = out if isinstance(out, tuple) else (small_vocab_gpt, out)
+    model, hooks = leaderboard.apply_method(method, small_vocab_gpt, task, steps=2)
     counts = count_trainable(model)
     if not method.trains:
         assert counts.trainable == 0

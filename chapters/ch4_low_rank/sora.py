@@ -108,9 +108,9 @@ def gates(model: nn.Module) -> list[nn.Parameter]:
 class GateUpdate:
     """The loop hooks of SoRA: the gate parameter group, the threshold after each step, the L1 term."""
 
-    def __init__(self, layers: list[SoRALinear], update: str, xi: float, gate_lr_scale: float, l1_weight: float,
+    def __init__(self, layers: list[SoRALinear], update: str, gate_lr_scale: float, l1_weight: float,
                  official_quirk: bool, thresholds: list[float], total_steps: int) -> None:
-        self.layers, self.update, self.xi = layers, update, xi
+        self.layers, self.update = layers, update
         self.gate_lr_scale, self.l1_weight, self.official_quirk = gate_lr_scale, l1_weight, official_quirk
         self.thresholds, self.total_steps = thresholds, total_steps
         self.gate_ids = {id(layer.g) for layer in layers}
@@ -188,7 +188,7 @@ def apply_sora(
     freeze(model)
     names = inject(model, targets, lambda lin: SoRALinear(lin, r=r, alpha=alpha, dropout=dropout))
     layers = [model.get_submodule(n) for n in names]
-    return GateUpdate(layers, update, xi, gate_lr_scale, l1_weight, official_quirk, thresholds, total_steps).hooks()
+    return GateUpdate(layers, update, gate_lr_scale, l1_weight, official_quirk, thresholds, total_steps).hooks()
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:

@@ -1,0 +1,151 @@
+"""Dynamic-rank DoRA (Mao et al.): identity at init, trainable count, closed-form importance, DEM, the cubic
+pruning schedule, pruning of the lowest scores to the global budget on schedule, pruned components inert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters.ch4_low_rank.dyna_dora import ComponentLinear, apply_dyna_dora, pruned_count
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable, merge_all
+from minimal.train import TrainConfig, train
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_identity_at_init_and_trainable_count() -> None:
+    model, idx = tiny_gpt(), batch()
+    ref = model(idx).logits
+    apply_dyna_dora(model, total_steps=20, r=4, targets=("c_attn", "c_fc"))
+    assert torch.equal(model(idx).logits, ref)  # c = 0
+    layer = model.h[0].attn.c_attn
+    assert layer.r == 6 and layer.A.shape == (6, 64) and layer.B.shape == (192, 6)  # r' = ceil(1.5 * 4)
+    assert layer.A.abs().max() > 0 and layer.B.abs().max() > 0 and layer.rank() == 0
+    d, r, L = 64, 6, CFG.n_layer
+    assert count_trainable(model).trainable == L * ((r * (d + 3 * d) + r) + (r * (d + 4 * d) + r))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".A", ".B", ".c")) for n in names) and len(names) == 3 * 2 * L
+
+
+def test_dense_form_importance_closed_form_and_pruned_components_inert() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)
+    layer = ComponentLinear(lin, r=5, alpha=10)
+    nn.init.normal_(layer.c)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer.delta_weight(), 2.0 * layer.B @ torch.diag(layer.c) @ layer.A)
+    torch.testing.assert_close(layer(x), F.linear(x, lin.weight + layer.delta_weight(), lin.bias), atol=1e-5,
+                               rtol=1e-5)
+    total = torch.linalg.matrix_norm(layer.B @ torch.diag(layer.c) @ layer.A)
+    brute = torch.stack([torch.linalg.matrix_norm(layer.c[i] * torch.outer(layer.B[:, i], layer.A[i]))
+                         for i in range(5)]) / total
+    torch.testing.assert_close(layer.component_importance(), brute.detach(), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        layer.c[[1, 4]] = 0.0
+    assert layer.component_importance()[[1, 4]].abs().max() == 0
+    y = layer(x)
+    keep = [0, 2, 3]
+    small = ComponentLinear(lin, r=3, alpha=6)  # same s = 2
+    with torch.no_grad():
+        small.A.copy_(layer.A[keep])
+        small.B.copy_(layer.B[:, keep])
+        small.c.copy_(layer.c[keep])
+    torch.testing.assert_close(small(x), y, atol=1e-6, rtol=1e-6)  # removing pruned rows/columns changes nothing
+
+
+def test_dem_zero_for_constant_vectors_and_grad_to_A_B_only() -> None:
+    layer = ComponentLinear(nn.Linear(8, 6), r=3)
+    with torch.no_grad():
+        layer.A.copy_(torch.arange(3.0).view(3, 1).expand(3, 8))  # every row constant
+        layer.B.fill_(0.7)
+    assert layer.dem().item() == 0.0
+    torch.manual_seed(0)
+    layer = ComponentLinear(nn.Linear(8, 6), r=3)
+    dem = layer.dem()
+    assert dem.item() > 0
+    expected = (layer.A.var(1, unbiased=False) + layer.B.var(0, unbiased=False)).mean()
+    torch.testing.assert_close(dem, expected)
+    dem.backward()
+    assert layer.A.grad.abs().max() > 0 and layer.B.grad.abs().max() > 0 and layer.c.grad is None
+
+
+def test_pruning_schedule_cubic() -> None:
+    n, budget, ts, te = 48, 32, 10, 50  # r' = 12, r = 8 on 4 matrices: p_max = 1/3
+    assert pruned_count(0, n, budget, ts, te) == pruned_count(ts, n, budget, ts, te) == 0
+    assert pruned_count(30, n, budget, ts, te) == 2  # 16 * (1/2)^3
+    assert pruned_count(te, n, budget, ts, te) == pruned_count(te + 7, n, budget, ts, te) == 16
+    counts = [pruned_count(t, n, budget, ts, te) for t in range(60)]
+    assert all(a <= b for a, b in zip(counts, counts[1:]))
+    assert pruned_count(11, n, budget, ts, te) == 0 and pruned_count(11, n, budget, ts, te, min_one=True) == 1
+
+
+def test_prunes_lowest_scores_to_the_budget_on_schedule() -> None:
+    model, idx = tiny_gpt(), batch(b=8)
+    T = 40  # window [6, 20], prune every 4 steps
+    hooks = apply_dyna_dora(model, total_steps=T, r=2, targets=("c_attn", "c_fc"), interval=4, alpha=8)
+    pruner = hooks.step_end.__self__
+    assert (pruner.t_start, pruner.t_end, pruner.n_total, pruner.budget) == (6, 20, 12, 8)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    record = []
+
+    def step_end(m: nn.Module, step: int, opt: torch.optim.Optimizer) -> None:
+        pruner.step_end(m, step, opt)
+        zeros = {n: (layer.c == 0).clone() for n, layer in pruner.layers.items()}
+        scores = {n: s.clone() for n, s in pruner.scores.items()}
+        record.append((step + 1, zeros, scores, hooks.extra_loss(m).item()))
+
+    hooks_run = type(hooks)(extra_loss=hooks.extra_loss, step_end=step_end)
+    before = model(idx, labels=idx).loss.item()
+    cfg = TrainConfig(steps=T, batch_size=8, lr=2e-2, warmup=0, progress=False, log_every=0)
+    train(model, lambda gen: (idx, idx), cfg, hooks_run)
+    assert model(idx, labels=idx).loss.item() < before - 0.3  # it learns
+    prune_steps = [t for t in range(6, 21) if (t - 6) % 4 == 0 or t == 20]
+    assert prune_steps == [6, 10, 14, 18, 20]
+    for t, zeros, scores, _ in record:
+        n_zero = sum(int(z.sum()) for z in zeros.values())
+        if t in prune_steps:
+            assert n_zero == pruned_count(t, 12, 8, 6, 20), t
+            if n_zero:  # the pruned ones are the lowest EMA scores
+                flat_s = torch.cat(list(scores.values()))
+                flat_z = torch.cat(list(zeros.values()))
+                assert flat_s[flat_z].max() <= flat_s[~flat_z].min()
+        if t >= 20:
+            assert n_zero == 4 and all(torch.equal(zeros[n], record[19][1][n]) for n in zeros)  # final mask fixed
+    assert sum(pruner.rank_pattern().values()) == 8  # r_target x number of matrices
+    dem = [r[3] for r in record]
+    assert all(d > 0 for d in dem[:19]) and all(d == 0 for d in dem[19:])  # DEM off once pruning ends
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    logits = model(idx).logits
+    merge_all(model)
+    torch.testing.assert_close(model(idx).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_errors() -> None:
+    with pytest.raises(ValueError, match="unknown target module 'q_proj'"):
+        apply_dyna_dora(tiny_gpt(), total_steps=20, targets=["q_proj"])
+    with pytest.raises(ValueError, match="target rank r must be a positive int"):
+        apply_dyna_dora(tiny_gpt(), total_steps=20, r=0)
+    with pytest.raises(ValueError, match=r"rank r=96 must be in \[1, 64\]"):
+        apply_dyna_dora(tiny_gpt(), total_steps=20, r=64)
+    with pytest.raises(ValueError, match="init_r=2 must be an int >= the target rank r=4"):
+        apply_dyna_dora(tiny_gpt(), total_steps=20, r=4, init_r=2)
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        apply_dyna_dora(tiny_gpt(), total_steps=0)
+    with pytest.raises(ValueError, match="pruning window"):
+        apply_dyna_dora(tiny_gpt(), total_steps=1)
+    with pytest.raises(ValueError, match="start_ratio < end_ratio"):
+        apply_dyna_dora(tiny_gpt(), total_steps=20, start_ratio=0.6, end_ratio=0.5)

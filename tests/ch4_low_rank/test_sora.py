@@ -1,0 +1,169 @@
+"""SoRA: the soft-threshold (and the released quirk), identity at init, trainable set, the exact gate
+updates (code form and paper form), zero gates = lower rank, pruning to a plain LoRA, schedule, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chapters.ch4_low_rank.lora import LoRALinear
+from chapters.ch4_low_rank.sora import (
+    SoRALinear,
+    apply_sora,
+    official_threshold,
+    prune_sora,
+    rank_pattern,
+    soft_threshold,
+    xi_schedule,
+)
+from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable
+from minimal.train import TrainConfig, train
+
+CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def sora_layers(model: nn.Module) -> list[SoRALinear]:
+    return [m for m in model.modules() if isinstance(m, SoRALinear)]
+
+
+def test_soft_threshold_exact_and_official_quirk() -> None:
+    xi = 0.25
+    z = torch.tensor([-1.0, -0.5, -0.375, -0.25, -0.125, 0.0, 0.125, 0.25, 0.375, 0.5, 1.0])
+    assert torch.equal(soft_threshold(z, xi), torch.tensor([-0.75, -0.25, -0.125, 0, 0, 0, 0, 0, 0.125, 0.25, 0.75]))
+    assert soft_threshold(torch.tensor(0.75), 0.5).item() == 0.25  # scalar case
+    # the released three-edit version: 1.5 xi -> 0 (T_xi gives 0.5 xi), |z| == xi kept, >= 2 xi shrunk by xi
+    assert torch.equal(official_threshold(z, xi), torch.tensor([-0.75, -0.25, 0, -0.25, 0, 0, 0, 0.25, 0, 0.25, 0.75]))
+    assert official_threshold(torch.tensor([1.5 * xi]), xi).item() == 0.0
+    assert soft_threshold(torch.tensor([1.5 * xi]), xi).item() == 0.5 * xi
+
+
+def test_identity_at_init_and_trainable_count() -> None:
+    model, idx = tiny_gpt(), batch()
+    ref = model(idx).logits
+    apply_sora(model, r=6, targets=("c_attn", "c_fc"))
+    assert torch.equal(model(idx).logits, ref)  # B = 0
+    layer = model.h[0].attn.c_attn
+    assert layer.g.shape == (6,) and torch.count_nonzero(layer.g) == 6 and layer.rank() == 6
+    d, r, L = 64, 6, CFG.n_layer
+    assert count_trainable(model).trainable == L * ((r * (d + 3 * d) + r) + (r * (d + 4 * d) + r))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith((".A", ".B", ".g")) for n in names) and len(names) == 3 * 2 * L
+
+
+def test_dense_form_and_zero_gates_lower_the_rank() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)
+    layer = SoRALinear(lin, r=6, alpha=12)
+    nn.init.normal_(layer.B)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer.delta_weight(), 2.0 * layer.B @ torch.diag(layer.g) @ layer.A)
+    torch.testing.assert_close(layer(x), F.linear(x, lin.weight + layer.delta_weight(), lin.bias), atol=1e-5,
+                               rtol=1e-5)
+    assert torch.linalg.matrix_rank(layer.delta_weight()).item() == 6
+    with torch.no_grad():
+        layer.g[[0, 2, 5]] = 0.0
+    assert layer.rank() == 3 and torch.linalg.matrix_rank(layer.delta_weight()).item() == 3
+    # with the gates folded into B, SoRA is a LoRA: B diag(g) in place of B
+    lora = LoRALinear(lin, r=6, alpha=12)
+    with torch.no_grad():
+        lora.A.copy_(layer.A)
+        lora.B.copy_(layer.B * layer.g)
+    torch.testing.assert_close(lora(x), layer(x), atol=1e-6, rtol=1e-6)
+
+
+def test_code_form_adam_then_threshold_exact() -> None:
+    model, idx = tiny_gpt(), batch()
+    hooks = apply_sora(model, r=4, xi=0.3)
+    optimizer = hooks.make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=0.1))
+    gate_group = optimizer.param_groups[-1]
+    assert gate_group["weight_decay"] == 0.0 and {id(p) for p in gate_group["params"]} == {
+        id(m.g) for m in sora_layers(model)}
+    model(idx, labels=idx).loss.backward()
+    optimizer.step()
+    after_adam = [m.g.detach().clone() for m in sora_layers(model)]
+    hooks.step_end(model, 0, optimizer)
+    for m, g in zip(sora_layers(model), after_adam):
+        assert torch.equal(m.g, soft_threshold(g, 0.3))
+        assert not ((m.g != 0) & (m.g.abs() < 0.3)).any()
+    assert sum(m.rank() for m in sora_layers(model)) < 4 * CFG.n_layer  # N(0,1) gates: some fall under 0.3
+
+
+def test_paper_form_proximal_gradient_step_exact() -> None:
+    model, idx = tiny_gpt(), batch()
+    hooks = apply_sora(model, r=4, xi=2.0, update="proximal")
+    with torch.no_grad():
+        for m in sora_layers(model):
+            nn.init.normal_(m.B, std=0.1)  # so the gates get a gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = hooks.make_optimizer(params, TrainConfig(lr=0.05))
+    gate_ids = {id(m.g) for m in sora_layers(model)}
+    assert not any(id(p) in gate_ids for group in optimizer.param_groups for p in group["params"])
+    model(idx, labels=idx).loss.backward()
+    before = [(m.g.detach().clone(), m.g.grad.clone()) for m in sora_layers(model)]
+    assert all(grad.abs().max() > 0 for _, grad in before)
+    hooks.step_end(model, 0, optimizer)
+    eta = 0.05
+    for m, (g, grad) in zip(sora_layers(model), before):
+        assert torch.equal(m.g, soft_threshold(g - eta * grad, eta * 2.0))  # T_{eta xi}(g - eta grad)
+        assert m.g.grad is None
+
+
+def test_training_prunes_gates_and_prune_sora_keeps_outputs() -> None:
+    model, idx = tiny_gpt(), batch(b=8)
+    hooks = apply_sora(model, r=8, targets=("c_attn", "c_fc"), xi=0.02)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = model(idx, labels=idx).loss.item()
+    cfg = TrainConfig(steps=30, batch_size=8, lr=2e-2, warmup=0, progress=False, log_every=0)
+    train(model, lambda gen: (idx, idx), cfg, hooks)
+    after = model(idx, labels=idx).loss.item()
+    assert after < before - 0.3, (before, after)  # it learns
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    ranks = rank_pattern(model)
+    assert 0 < sum(ranks.values()) < 8 * 4  # some gates pruned to exactly zero, not all
+    for m in sora_layers(model):
+        assert not ((m.g != 0) & (m.g.abs() < 0.02)).any()
+    logits = model(idx).logits
+    assert prune_sora(model) == ranks
+    assert not sora_layers(model)
+    torch.testing.assert_close(model(idx).logits, logits, atol=1e-5, rtol=1e-5)
+    pruned_count = sum(ranks[n] * (64 + (192 if n.endswith("c_attn") else 256)) for n in ranks if ranks[n])
+    assert count_trainable(model).trainable == pruned_count  # nnz(g) (in + out) per layer
+
+
+def test_sparsifying_schedule() -> None:
+    assert xi_schedule(1e-3, 4e-3, 4) == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])
+    assert xi_schedule(1e-3, 8e-3, 4, "log_linear") == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3])
+    hooks = apply_sora(tiny_gpt(), r=2, xi=0.1, xi_max=0.4, n_phases=4, total_steps=40)
+    updater = hooks.step_end.__self__
+    assert [updater.xi_at(s) for s in (0, 9, 10, 25, 39)] == pytest.approx([0.1, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_bad_input_errors() -> None:
+    with pytest.raises(ValueError, match="unknown target module 'q_proj'"):
+        apply_sora(tiny_gpt(), targets=["q_proj"])
+    with pytest.raises(ValueError, match=r"rank r=0 must be in \[1, 64\]"):
+        apply_sora(tiny_gpt(), r=0)
+    with pytest.raises(ValueError, match="update must be 'adam'"):
+        apply_sora(tiny_gpt(), update="sgd")
+    with pytest.raises(ValueError, match="need xi >= 0"):
+        apply_sora(tiny_gpt(), xi=-1.0)
+    with pytest.raises(ValueError, match="xi_max"):
+        apply_sora(tiny_gpt(), xi=0.1, xi_max=0.01)
+    with pytest.raises(ValueError, match="schedule must be"):
+        xi_schedule(0.1, 0.2, 3, "cosine")
+    with pytest.raises(ValueError, match="no SoRALinear"):
+        prune_sora(tiny_gpt())
