@@ -8,6 +8,8 @@ Modules, one idea each:
     multi_adapter one adapter per token (S-LoRA / Punica style) shrink and expand kernels
     roofline      pure-Python time model that predicts the ratios before anything is measured
     benchmark     `python -m chapters.ch4_low_rank.kernels.benchmark` (needs a CUDA GPU)
+    aot           compile the Triton kernels for sm_80 / sm_90 without a GPU (shared memory, tensor cores)
+    interpreter   running Triton on a CPU (TRITON_INTERPRET=1) and the rank padding rule
 
 Importing the package on a machine without CUDA turns on Triton's CPU interpreter (see interpreter.py);
 this must happen before `triton` is first imported, which is why it lives here.

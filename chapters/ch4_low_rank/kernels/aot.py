@@ -97,7 +97,7 @@ def compile_case(
 
 
 def _matmul_case(mode: str, M: int, R: int, arch: int) -> dict:
-    cfg = triton_lora.default_tiles(M)
+    cfg = triton_lora.gpu_tiles(M)
     constexprs = dict(
         SPLIT_FUSED=mode == "split",
         KLOOP_FUSED=mode == "kloop",

@@ -79,9 +79,9 @@ def predicted_ratio(
         return roofline.roofline_ratios(M, K, N, r, gpu, tflops=gpu.simt_tflops, block_n=64)[model]
     block_n = 128
     if engine == "triton":
-        from .triton_lora import default_tiles
+        from .triton_lora import gpu_tiles
 
-        block_n = default_tiles(M).BN
+        block_n = gpu_tiles(M).BN
     return roofline.roofline_ratios(M, K, N, r, gpu, block_n=block_n)[model]
 
 
@@ -174,7 +174,8 @@ def run_gpu(
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    width = int(spec.split(".")[0])
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def format_table(rows: list[dict]) -> str:

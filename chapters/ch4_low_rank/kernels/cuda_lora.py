@@ -16,7 +16,9 @@ The kernels themselves are explained at the top of lora_cuda.cu. This file is th
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -74,11 +76,8 @@ def cuda_extension_available() -> tuple[bool, str]:
         return False, f"torch {torch.__version__} is a CPU build; install a CUDA build of torch"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401
-        except ImportError:
-            return False, "ninja is missing (pip install ninja)"
+    if shutil.which("ninja") is None and not (Path(sys.executable).parent / "ninja").exists():
+        return False, "ninja is missing (pip install ninja)"
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
@@ -96,6 +95,9 @@ def build(verbose: bool = False) -> ModuleType:
         raise RuntimeError(f"cannot build the CUDA LoRA kernels: {reason}")
     from torch.utils.cpp_extension import load_inline
 
+    bindir = Path(sys.executable).parent  # ninja installed by pip into a venv that is not activated
+    if shutil.which("ninja") is None and (bindir / "ninja").exists():
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
     _module = load_inline(
         name="peft_from_scratch_lora_cuda",
         cpp_sources=[GLUE_CPP],

@@ -124,7 +124,7 @@ gemm_lora_kernel(const T* __restrict__ x, const T* __restrict__ W, const T* __re
 #pragma unroll
         for (int q = 0; q < XA_PER_THREAD; ++q) {
             const int e = threadIdx.x * XA_PER_THREAD + q;
-            xas[e / R][e % R] = xa[q];
+            xas[e / R][e % R] = s * xa[q];
         }
         for (int e = threadIdx.x; e < R * BN; e += THREADS) {
             const int j = e / BN, n = e % BN;

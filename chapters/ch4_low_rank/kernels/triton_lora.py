@@ -25,6 +25,7 @@ the input dtype only where it enters a 16-bit `tl.dot`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +68,12 @@ INTERPRETER_SHRINK = ShrinkConfig(BM=16, BK=32, SPLIT_K=1, num_warps=4, num_stag
 
 
 def default_tiles(M: int) -> TileConfig:
-    """Hand-picked (not autotuned) tiles: skinny tiles for few tokens, 128 x 128 for many."""
-    if INTERPRET:
-        return INTERPRETER_TILES
+    """The tiles the wrappers use: small ones in the CPU interpreter, else `gpu_tiles(M)`."""
+    return INTERPRETER_TILES if INTERPRET else gpu_tiles(M)
+
+
+def gpu_tiles(M: int) -> TileConfig:
+    """Hand-picked (not autotuned) GPU tiles: skinny tiles for few tokens, 128 x 128 for many."""
     if M <= 64:  # decode-like: the GEMM is a read of W; use many narrow programs to keep all SMs busy
         return TileConfig(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 256:
@@ -77,12 +81,17 @@ def default_tiles(M: int) -> TileConfig:
     return TileConfig()
 
 
+@functools.lru_cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_shrink(M: int, K: int, device: torch.device) -> ShrinkConfig:
     """Split K so that about one program per SM is busy even when M is small (the shrink is memory-bound)."""
     if INTERPRET:
         return INTERPRETER_SHRINK
     BM = 16 if M <= 64 else 64
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 1
     split_k = max(1, min(n_sm // triton.cdiv(M, BM), triton.cdiv(K, 128)))
     return ShrinkConfig(BM=BM, BK=128, SPLIT_K=split_k)
 
@@ -235,9 +244,10 @@ def lora_shrink(x: Tensor, A: Tensor, config: ShrinkConfig | None = None) -> Ten
     r = A.shape[0]
     cfg = config or default_shrink(M, K, x.device)
     upcast, precision = dot_options(x.dtype)
-    t = (torch.zeros if cfg.SPLIT_K > 1 else torch.empty)(
-        (M, r), device=x.device, dtype=torch.float32
-    )  # [M, r]
+    alloc = torch.zeros if cfg.SPLIT_K > 1 else torch.empty  # split-K programs add into t
+    t = alloc((M, r), device=x.device, dtype=torch.float32)  # [M, r]
+    if M == 0:
+        return t
     grid = (triton.cdiv(M, cfg.BM), cfg.SPLIT_K)
     lora_shrink_kernel[grid](
         x, A, t, M, K, r,
@@ -248,17 +258,8 @@ def lora_shrink(x: Tensor, A: Tensor, config: ShrinkConfig | None = None) -> Ten
     return t
 
 
-def _matmul(
-    x: Tensor,
-    W: Tensor,
-    A: Tensor,
-    B: Tensor,
-    s: float,
-    t: Tensor | None,
-    split: bool,
-    kloop: bool,
-    config: TileConfig | None,
-) -> Tensor:
+def _matmul(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float, t: Tensor | None, split: bool, kloop: bool,
+            config: TileConfig | None) -> Tensor:  # fmt: skip
     M, K, N, r = _check(x, W, A, B)
     cfg = config or default_tiles(M)
     upcast, precision = dot_options(x.dtype)
@@ -285,15 +286,8 @@ def triton_base(
     return _matmul(x, W, A, B, s, None, split=False, kloop=False, config=config)
 
 
-def triton_split_fused(
-    x: Tensor,
-    W: Tensor,
-    A: Tensor,
-    B: Tensor,
-    s: float,
-    config: TileConfig | None = None,
-    shrink_config: ShrinkConfig | None = None,
-) -> Tensor:
+def triton_split_fused(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float, config: TileConfig | None = None,
+                       shrink_config: ShrinkConfig | None = None) -> Tensor:  # fmt: skip
     """Two launches: t = x A^T, then the GEMM with its accumulator initialised to s t B^T."""
     _check(x, W, A, B)
     t = lora_shrink(x, A, shrink_config)  # [M, r] float32
