@@ -10,21 +10,16 @@ from chapters.ch2_additive.adapter_fusion import (
     train_source_adapter,
 )
 from chapters.ch2_additive.adapters import Adapter, apply_pfeiffer
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, trainable_names
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+CFG = tiny_config()
 L, d, m = CFG.n_layer, CFG.n_embd, 8
 
 
-def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
 def ids(B: int = 2, T: int = 8, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    return token_batch(seed, B, T)
 
 
 def random_set(seed: int, scale: float = 0.3) -> list[Adapter]:
@@ -45,7 +40,7 @@ def quick(steps: int = 25, lr: float = 1e-2) -> TrainConfig:
 
 
 def test_stage2_trainable_set_is_q_k_v_per_layer():
-    model = tiny()
+    model = tiny_gpt()
     apply_adapter_fusion(model, {"a": random_set(1), "b": random_set(2), "c": random_set(3)})
     assert count_trainable(model).trainable == L * (3 * d * d + 2 * d) == n_fusion_params(L, d)
     assert {n.split("mlp_out.")[1] for n in trainable_names(model)} == {
@@ -57,19 +52,19 @@ def test_stage2_trainable_set_is_q_k_v_per_layer():
 
 def test_one_adapter_with_identity_value_is_the_single_adapter_model():
     x, adapters = ids(), random_set(1)
-    single = tiny()
+    single = tiny_gpt()
     apply_pfeiffer(single, bottleneck=m)
     with torch.no_grad():
         for block, a in zip(single.h, adapters):
             block.mlp_out.load_state_dict(a.state_dict())
-    fused = tiny()
+    fused = tiny_gpt()
     apply_adapter_fusion(fused, {"only": adapters}, value_offdiag=0.0)
-    assert (single(x).logits - tiny()(x).logits).abs().max() > 1e-2  # the adapters do change the output
+    assert (single(x).logits - tiny_gpt()(x).logits).abs().max() > 1e-2  # the adapters do change the output
     assert torch.equal(fused(x).logits, single(x).logits)
 
 
 def test_zero_query_and_key_give_the_mean_of_the_adapter_deltas():
-    model, sets = tiny(), {"a": random_set(1), "b": random_set(2)}
+    model, sets = tiny_gpt(), {"a": random_set(1), "b": random_set(2)}
     apply_adapter_fusion(model, sets, value_offdiag=0.0)
     layer = model.h[0].mlp_out
     with torch.no_grad():
@@ -83,7 +78,7 @@ def test_zero_query_and_key_give_the_mean_of_the_adapter_deltas():
 
 
 def test_fusion_weights_are_a_distribution_per_token_and_layer():
-    model = tiny()
+    model = tiny_gpt()
     apply_adapter_fusion(model, {"a": random_set(1), "b": random_set(2), "c": random_set(3)})
     with torch.no_grad():  # sharpen the attention so the weights are far from uniform
         for layer in fusion_layers(model):
@@ -105,7 +100,7 @@ def test_fusion_weights_are_a_distribution_per_token_and_layer():
 
 
 def test_stage2_learns_and_leaves_backbone_and_adapters_bit_identical():
-    model, sets = tiny(), {"a": random_set(1, 0.1), "b": random_set(2, 0.1)}
+    model, sets = tiny_gpt(), {"a": random_set(1, 0.1), "b": random_set(2, 0.1)}
     originals = {n: [a.state_dict() for a in s] for n, s in sets.items()}
     originals = {n: [{k: v.clone() for k, v in sd.items()} for sd in s] for n, s in originals.items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -128,7 +123,7 @@ def test_stage2_learns_and_leaves_backbone_and_adapters_bit_identical():
 
 
 def test_stage1_trains_one_adapter_set_and_leaves_the_model_plain():
-    model, x = tiny(), ids(B=4, T=10, seed=3)
+    model, x = tiny_gpt(), ids(B=4, T=10, seed=3)
     base_logits = model(x).logits
     adapters, res = train_source_adapter(model, lambda g: (x, x), quick(10), bottleneck=m)
     assert len(adapters) == L and all(isinstance(a, Adapter) and not a.up.weight.requires_grad for a in adapters)
@@ -141,20 +136,20 @@ def test_stage1_trains_one_adapter_set_and_leaves_the_model_plain():
 
 def test_errors():
     with pytest.raises(ValueError, match="at least one"):
-        apply_adapter_fusion(tiny(), {})
+        apply_adapter_fusion(tiny_gpt(), {})
     with pytest.raises(ValueError, match="has 1 adapters, the model has 2 layers"):
-        apply_adapter_fusion(tiny(), {"a": random_set(1)[:1]})
+        apply_adapter_fusion(tiny_gpt(), {"a": random_set(1)[:1]})
     with pytest.raises(ValueError, match="adapter width 32, model 64"):
-        apply_adapter_fusion(tiny(), {"a": [Adapter(32, 4), Adapter(32, 4)]})
+        apply_adapter_fusion(tiny_gpt(), {"a": [Adapter(32, 4), Adapter(32, 4)]})
     with pytest.raises(TypeError, match="expected an Adapter"):
-        apply_adapter_fusion(tiny(), {"a": [torch.nn.Linear(d, d)] * L})
+        apply_adapter_fusion(tiny_gpt(), {"a": [torch.nn.Linear(d, d)] * L})
     with pytest.raises(ValueError, match="temperature"):
-        apply_adapter_fusion(tiny(), {"a": random_set(1)}, temperature=0)
+        apply_adapter_fusion(tiny_gpt(), {"a": random_set(1)}, temperature=0)
     with pytest.raises(TypeError, match="GPT"):
         apply_adapter_fusion(torch.nn.Linear(2, 2), {"a": random_set(1)})
-    model = tiny()
+    model = tiny_gpt()
     apply_pfeiffer(model, m)
     with pytest.raises(ValueError, match="already holds Adapter"):
         apply_adapter_fusion(model, {"a": random_set(1)})
     with pytest.raises(ValueError, match="no AdapterFusion layers"):
-        fusion_weights(tiny(), ids())
+        fusion_weights(tiny_gpt(), ids())

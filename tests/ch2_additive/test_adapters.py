@@ -10,33 +10,28 @@ from chapters.ch2_additive.adapters import (
     n_adapter_params,
     remove_adapters,
 )
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, load_adapter, save_adapter, trainable_names
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+CFG = tiny_config()
 L, d, m = CFG.n_layer, CFG.n_embd, 8
 
 
-def tiny(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
 def ids(B: int = 2, T: int = 8, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    return token_batch(seed, B, T)
 
 
 def test_trainable_counts_match_the_formulas():
     ln = 4 * L * d + 2 * d
-    model = tiny()
+    model = tiny_gpt()
     apply_houlsby(model, bottleneck=m)
     assert count_trainable(model).trainable == 2 * L * (2 * m * d + m + d) + ln == n_adapter_params(L, d, m) + ln
     assert {n.split(".")[-2] for n in trainable_names(model)} == {"down", "up", "ln_1", "ln_2", "ln_f"}
-    model = tiny()
+    model = tiny_gpt()
     apply_houlsby(model, bottleneck=m, train_layernorm=False)
     assert count_trainable(model).trainable == 2 * L * (2 * m * d + m + d)
-    model = tiny()
+    model = tiny_gpt()
     apply_pfeiffer(model, bottleneck=m)
     assert count_trainable(model).trainable == L * (2 * m * d + m + d) == n_adapter_params(L, d, m, "pfeiffer")
     assert all(".mlp_out." in n for n in trainable_names(model))
@@ -46,11 +41,11 @@ def test_trainable_counts_match_the_formulas():
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 def test_identity_at_init(placement: str):
-    base, x = tiny(), ids()
-    model = tiny()
+    base, x = tiny_gpt(), ids()
+    model = tiny_gpt()
     apply_adapters(model, m, placement, init="zero")
     assert torch.equal(model(x).logits, base(x).logits)  # W_up = 0: exactly the base
-    model = tiny()
+    model = tiny_gpt()
     apply_adapters(model, m, placement, init="near_identity")
     diff = (model(x).logits - base(x).logits).abs().max()
     assert 0 < diff < 1e-2  # near-identity: moves, but barely
@@ -59,7 +54,7 @@ def test_identity_at_init(placement: str):
 
 
 def test_placement_matches_the_block_equations():
-    model = tiny()
+    model = tiny_gpt()
     apply_houlsby(model, bottleneck=m)
     with torch.no_grad():  # make the adapters do something visible
         for n, p in model.named_parameters():
@@ -80,14 +75,14 @@ def test_placement_matches_the_block_equations():
     assert (adapter(blk.mlp_out, f, gelu) - f).abs().max() > 1e-2
     torch.testing.assert_close(out.hidden_states[1], h2, rtol=0, atol=1e-5)
 
-    model = tiny()
+    model = tiny_gpt()
     apply_pfeiffer(model, bottleneck=m)
     assert isinstance(model.h[0].attn_out, torch.nn.Identity) and isinstance(model.h[0].mlp_out, Adapter)
     assert isinstance(model.h[0].mlp_out.act, torch.nn.ReLU)
 
 
 def test_frozen_backbone_bit_identical_layernorms_train_and_loss_goes_down():
-    model = tiny()
+    model = tiny_gpt()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     apply_houlsby(model, bottleneck=m, init="zero")
     x = ids(B=4, T=10, seed=3)
@@ -105,8 +100,8 @@ def test_frozen_backbone_bit_identical_layernorms_train_and_loss_goes_down():
 
 
 def test_remove_restores_base_and_saved_sets_swap(tmp_path):
-    base, x = tiny(), ids()
-    model = tiny()
+    base, x = tiny_gpt(), ids()
+    model = tiny_gpt()
     apply_pfeiffer(model, bottleneck=m)
     sets = {}
     for task, seed in (("a", 5), ("b", 6)):
@@ -128,20 +123,20 @@ def test_remove_restores_base_and_saved_sets_swap(tmp_path):
 def test_errors():
     for bad in (0, -1, d + 1, 2.5):
         with pytest.raises(ValueError, match="bottleneck"):
-            apply_houlsby(tiny(), bottleneck=bad)
+            apply_houlsby(tiny_gpt(), bottleneck=bad)
     with pytest.raises(ValueError, match="unknown adapter placement"):
-        apply_adapters(tiny(), m, "parallel")
+        apply_adapters(tiny_gpt(), m, "parallel")
     with pytest.raises(ValueError, match="unknown adapter init"):
-        apply_houlsby(tiny(), m, init="bert")
+        apply_houlsby(tiny_gpt(), m, init="bert")
     with pytest.raises(ValueError, match="unknown activation"):
-        apply_adapters(tiny(), m, activation="swish")
+        apply_adapters(tiny_gpt(), m, activation="swish")
     with pytest.raises(TypeError, match="GPT"):
         apply_houlsby(torch.nn.Linear(2, 2))
-    model = tiny()
+    model = tiny_gpt()
     apply_pfeiffer(model, m)
     with pytest.raises(ValueError, match="already holds Adapter"):
         apply_houlsby(model, m)
     with pytest.raises(ValueError, match="no adapters"):
-        remove_adapters(tiny())
+        remove_adapters(tiny_gpt())
     with pytest.raises(ValueError, match="unknown adapter placement"):
         n_adapter_params(L, d, m, "both")

@@ -3,34 +3,26 @@ import torch
 
 from chapters.ch2_additive.fish_mask import apply_fish_mask, fish_mask, fisher_samples
 from minimal.data import Example, Task
-from minimal.gpt import GPT, GPTConfig
+from minimal.gpt import GPT
 from minimal.peft import count_trainable, freeze
 from minimal.sparse import delta_masks, empirical_fisher, mask_count, mask_overlap
 from minimal.train import TrainConfig, train
+from tests.helpers import effective_params, masked_batch, tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+CFG = tiny_config(n_embd=32)
 
 
 def tiny() -> GPT:
-    torch.manual_seed(0)
-    return GPT(CFG)
+    return tiny_gpt(0, CFG, eval_mode=False)
 
 
 def batch(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, CFG.vocab_size, (n, 12), generator=g)
-    labels = idx.clone()
-    labels[:, :5] = -100
-    return idx, labels
+    return masked_batch(seed, b=n, t=12, prompt=5)
 
 
 def effective(model):
     """Every tensor under its original name, read through any parametrisation."""
-    out = {}
-    for name in [n for n, _ in tiny().named_parameters()]:
-        module, attr = name.rsplit(".", 1)
-        out[name] = getattr(model.get_submodule(module), attr).detach().clone()
-    return out
+    return effective_params(model, tiny())
 
 
 def run(model, hooks, steps=8):

@@ -5,22 +5,14 @@ from chapters.ch3_selective.bitfit import apply_bitfit, bias_snapshot, bitfit_co
 from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, trainable_names
 from minimal.train import TrainConfig, train
+from tests.helpers import masked_batch, tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+CFG = tiny_config()
 TINY_S = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)
 
 
 def tiny(cfg: GPTConfig = CFG) -> GPT:
-    torch.manual_seed(0)
-    return GPT(cfg)
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, CFG.vocab_size, (4, 16), generator=g)
-    labels = idx.clone()
-    labels[:, :6] = -100
-    return idx, labels
+    return tiny_gpt(0, cfg, eval_mode=False)
 
 
 def effective_state(model):
@@ -35,7 +27,7 @@ def effective_state(model):
 
 
 def run(model, steps=8):
-    idx, labels = batch()
+    idx, labels = masked_batch()
     return train(model, lambda gen: (idx, labels), TrainConfig(steps=steps, lr=3e-2, warmup=0, log_every=0))
 
 
@@ -67,7 +59,7 @@ def test_all_biases_train_and_nothing_else_changes():
 
 def test_subset_trains_query_and_mlp_biases_only():
     model = tiny()
-    idx, _ = batch()
+    idx, _ = masked_batch()
     base_logits = model(idx).logits
     L, d = CFG.n_layer, CFG.n_embd
     before = effective_state(model)

@@ -13,28 +13,17 @@ from chapters.ch3_selective.child_tuning import (
     task_batches,
 )
 from minimal.data import Example, Task
-from minimal.gpt import GPT, GPTConfig
+from minimal.gpt import GPT
 from minimal.peft import count_trainable
 from minimal.sparse import mask_count
 from minimal.train import TrainConfig, train
+from tests.helpers import masked_batches, tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+CFG = tiny_config(n_embd=32)
 
 
 def tiny() -> GPT:
-    torch.manual_seed(0)
-    return GPT(CFG)
-
-
-def make_batches(n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, CFG.vocab_size, (4, 12), generator=g)
-        labels = idx.clone()
-        labels[:, :5] = -100
-        out.append((idx, labels))
-    return out
+    return tiny_gpt(0, CFG, eval_mode=False)
 
 
 def grads_of(model, idx, labels):
@@ -50,7 +39,7 @@ def test_f_mask_keeps_a_fraction_p_and_rescales_by_one_over_p():
     p = 0.3
     model = tiny()
     apply_child_tuning_f(model, p=p)
-    idx, labels = make_batches(1)[0]
+    idx, labels = masked_batches(1)[0]
     g0 = grads_of(model, idx, labels)
     BernoulliGradMask(p, seed=0)(model, 0)
     kept = total = 0
@@ -92,7 +81,7 @@ def test_f_trains_everything_and_learns():
     model = tiny()
     hooks = apply_child_tuning_f(model, p=0.4)
     assert count_trainable(model).trainable == count_trainable(model).total
-    idx, labels = make_batches(1)[0]
+    idx, labels = masked_batches(1)[0]
     res = train(model, lambda gen: (idx, labels), TrainConfig(steps=10, lr=1e-2, warmup=0, log_every=0), hooks)
     assert res.history[-1]["loss"] < res.history[0]["loss"]
 
@@ -102,7 +91,7 @@ def test_f_trains_everything_and_learns():
 
 def test_child_fisher_is_the_mean_of_clipped_squared_batch_gradients():
     model = tiny()
-    batches = make_batches(2)
+    batches = masked_batches(2)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     f = child_fisher(model, batches, names=["h.0.mlp.c_fc.weight", "h.1.ln_1.bias"], max_grad_norm=0.01)
     expected = {}
@@ -119,7 +108,7 @@ def test_child_fisher_is_the_mean_of_clipped_squared_batch_gradients():
 def test_d_mask_is_the_top_of_the_fisher_and_holds_through_training():
     p = 0.2
     model = tiny()
-    batches = make_batches(3)
+    batches = masked_batches(3)
     fisher = child_fisher(model, batches)
     assert list(fisher) == in_block_names(model)
     theta0 = {n: t.detach().clone() for n, t in model.named_parameters()}
@@ -159,10 +148,10 @@ def test_errors():
         with pytest.raises(ValueError, match="p_F"):
             apply_child_tuning_f(model, p=bad)
         with pytest.raises(ValueError, match="p_D"):
-            apply_child_tuning_d(model, make_batches(1), p=bad)
+            apply_child_tuning_d(model, masked_batches(1), p=bad)
     with pytest.raises(ValueError, match="no batches"):
         apply_child_tuning_d(model, [], p=0.2)
     with pytest.raises(ValueError, match="cannot score"):
-        child_fisher(model, make_batches(1), names=["h.7.mlp.c_fc.weight"])
+        child_fisher(model, masked_batches(1), names=["h.7.mlp.c_fc.weight"])
     with pytest.raises(ValueError, match="max_grad_norm"):
-        child_fisher(model, make_batches(1), max_grad_norm=0.0)
+        child_fisher(model, masked_batches(1), max_grad_norm=0.0)

@@ -10,19 +10,19 @@ from chapters.ch3_selective.fish_dip import (
     sample_pool,
 )
 from minimal.data import Example, Task
-from minimal.gpt import GPT, GPTConfig
+from minimal.gpt import GPT
 from minimal.peft import count_trainable
 from minimal.sparse import mask_count
 from minimal.train import Hooks, TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+CFG = tiny_config(n_embd=32)
 FRACTION = 0.01
 K = int(FRACTION * CFG.n_params())
 
 
 def tiny() -> GPT:
-    torch.manual_seed(0)
-    return GPT(CFG)
+    return tiny_gpt(0, CFG, eval_mode=False)
 
 
 def pool(n=10, seed=1):

@@ -5,22 +5,14 @@ from chapters.ch3_selective.freeze_layers import apply_freeze_layers, freeze_lay
 from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, trainable_names
 from minimal.train import TrainConfig, train
+from tests.helpers import masked_batch, tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=3, n_head=4, n_embd=32)
+CFG = tiny_config(n_layer=3, n_embd=32)
 TINY_S = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)
 
 
 def tiny(cfg: GPTConfig = CFG) -> GPT:
-    torch.manual_seed(0)
-    return GPT(cfg)
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, CFG.vocab_size, (4, 16), generator=g)
-    labels = idx.clone()
-    labels[:, :6] = -100
-    return idx, labels
+    return tiny_gpt(0, cfg, eval_mode=False)
 
 
 def test_count_matches_formula_and_spec_table():
@@ -38,7 +30,7 @@ def test_count_matches_formula_and_spec_table():
 
 def test_lower_blocks_bit_identical_and_gradless_after_training():
     model = tiny()
-    idx, labels = batch()
+    idx, labels = masked_batch()
     before = {n: t.clone() for n, t in model.state_dict().items()}
     apply_freeze_layers(model, k=1)
     res = train(model, lambda gen: (idx, labels), TrainConfig(steps=8, lr=1e-2, warmup=0, log_every=0))
@@ -52,7 +44,7 @@ def test_lower_blocks_bit_identical_and_gradless_after_training():
 
 def test_backward_stops_at_the_lowest_trained_block():
     model = tiny()
-    idx, labels = batch()
+    idx, labels = masked_batch()
     apply_freeze_layers(model, k=1)
     out = model(idx, labels=labels, output_hidden_states=True)
     hs = out.hidden_states  # embeddings, then after each block
@@ -70,7 +62,7 @@ def test_backward_stops_at_the_lowest_trained_block():
 
 
 def test_activation_memory_grows_with_k():
-    idx, labels = batch()
+    idx, labels = masked_batch()
     saved = []
     for k in range(CFG.n_layer + 1):
         model = tiny()

@@ -14,22 +14,18 @@ from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable
 from minimal.sparse import delta_masks, mask_count, merge_sparse_deltas
 from minimal.train import TrainConfig, train
+from tests.helpers import effective_params, masked_batch, tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+CFG = tiny_config(n_embd=32)
 D, L = CFG.n_embd, CFG.n_layer
 
 
 def tiny(seed=0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG)
+    return tiny_gpt(seed, CFG, eval_mode=False)
 
 
 def batch(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, CFG.vocab_size, (8, 12), generator=g)
-    labels = idx.clone()
-    labels[:, :5] = -100
-    return idx, labels
+    return masked_batch(seed, b=8, t=12, prompt=5)
 
 
 def run(model, seed=1, steps=10, lr=1e-2):
@@ -38,11 +34,7 @@ def run(model, seed=1, steps=10, lr=1e-2):
 
 
 def effective(model):
-    out = {}
-    for name in [n for n, _ in tiny().named_parameters()]:
-        module, attr = name.rsplit(".", 1)
-        out[name] = getattr(model.get_submodule(module), attr).detach().clone()
-    return out
+    return effective_params(model, tiny())
 
 
 def assert_base_architecture(model):

@@ -12,36 +12,21 @@ from chapters.ch3_selective.sam import (
     second_order_scores,
 )
 from minimal.data import Example, Task
-from minimal.gpt import GPT, GPTConfig
+from minimal.gpt import GPT
 from minimal.peft import count_trainable
 from minimal.sparse import delta_masks, mask_count
 from minimal.train import TrainConfig, train
+from tests.helpers import effective_params, masked_batches, tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+CFG = tiny_config(n_embd=32)
 
 
 def tiny() -> GPT:
-    torch.manual_seed(0)
-    return GPT(CFG)
-
-
-def make_batches(n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, CFG.vocab_size, (4, 12), generator=g)
-        labels = idx.clone()
-        labels[:, :5] = -100
-        out.append((idx, labels))
-    return out
+    return tiny_gpt(0, CFG, eval_mode=False)
 
 
 def effective(model):
-    out = {}
-    for name in [n for n, _ in tiny().named_parameters()]:
-        module, attr = name.rsplit(".", 1)
-        out[name] = getattr(model.get_submodule(module), attr).detach().clone()
-    return out
+    return effective_params(model, tiny())
 
 
 # ------------------------------------------------------------------------------------------ the quadratic toy
@@ -115,7 +100,7 @@ def test_non_uniform_curvature_needs_g_squared_over_h():
 def test_accumulated_gradient_is_the_signed_sum_and_changes_nothing():
     model = tiny()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batches = make_batches(3)
+    batches = masked_batches(3)
     G = accumulated_gradient(model, batches, names=["h.0.mlp.c_fc.weight", "h.1.attn.c_attn.bias"])
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None
@@ -131,7 +116,7 @@ def test_accumulated_gradient_is_the_signed_sum_and_changes_nothing():
 
 def test_mask_is_per_tensor_top_of_abs_gradient_with_the_exact_budget():
     model = tiny()
-    batches = make_batches(3)
+    batches = masked_batches(3)
     rho = 0.05
     G = accumulated_gradient(model, batches, [n for n, _ in model.named_parameters() if n != "wte.weight"])
     mask = sam_mask(G, rho)
@@ -155,7 +140,7 @@ def test_global_variant_keeps_k_entries_overall():
 
 def test_training_learns_and_leaves_unselected_entries_bitwise():
     model = tiny()
-    batches = make_batches(3)
+    batches = masked_batches(3)
     theta0 = effective(model)
     apply_sam(model, batches, fraction=0.05)
     masks = delta_masks(model)
@@ -170,7 +155,7 @@ def test_training_learns_and_leaves_unselected_entries_bitwise():
 
 
 def test_grad_mask_implementation_uses_the_same_mask():
-    batches = make_batches(2)
+    batches = masked_batches(2)
     a, b = tiny(), tiny()
     apply_sam(a, batches, fraction=0.05)
     hooks = apply_sam(b, batches, fraction=0.05, implementation="grad_mask")
@@ -188,7 +173,7 @@ def test_burn_in_batches_from_a_task_are_deterministic():
 
 def test_errors():
     model = tiny()
-    batches = make_batches(1)
+    batches = masked_batches(1)
     with pytest.raises(ValueError, match="implementation"):
         apply_sam(model, batches, implementation="dense")
     with pytest.raises(ValueError, match="exclude"):

@@ -15,20 +15,11 @@ from chapters.ch4_low_rank.adalora import (
     budget_schedule,
     orthogonality_penalty,
 )
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unmerge_all
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def layers_of(model: nn.Module) -> dict[str, SVDLinear]:
@@ -36,7 +27,7 @@ def layers_of(model: nn.Module) -> dict[str, SVDLinear]:
 
 
 def test_identity_at_init_and_init_values() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_adalora(model, total_steps=10, init_r=6, target_r=2, targets=("c_attn", "c_fc"))
     assert torch.equal(model(idx).logits, ref)  # E = 0 exactly
@@ -158,7 +149,7 @@ def test_mask_removes_exactly_the_lowest_scores() -> None:
             layer.E.normal_()
     for seed in range(3):
         model.zero_grad()
-        model(batch(seed), labels=batch(seed)).loss.backward()
+        model(token_batch(seed), labels=token_batch(seed)).loss.backward()
         alloc.update_importance()
     kept = alloc.mask_to_budget(15)
     scores = alloc.scores()
@@ -172,7 +163,7 @@ def test_mask_removes_exactly_the_lowest_scores() -> None:
 
 
 def test_allocator_reaches_target_budget_on_schedule() -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     T, ti, tf, dt = 30, 4, 8, 2
     hooks = apply_adalora(model, total_steps=T, init_r=6, target_r=2, targets=("c_attn", "c_fc"), t_init=ti,
                           t_final=tf, delta_t=dt)
@@ -207,7 +198,7 @@ def test_allocator_reaches_target_budget_on_schedule() -> None:
 
 
 def test_learns_and_merges() -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     hooks = apply_adalora(model, total_steps=40, init_r=8, target_r=4, targets=("c_attn", "c_fc"), t_init=5,
                           t_final=10)
     before = model(idx, labels=idx).loss.item()

@@ -9,14 +9,10 @@ from chapters.ch4_low_rank.chain_of_lora import apply_chain_of_lora, knot_steps,
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora
 from minimal.gpt import GPT, GPTConfig
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_gpt, token_batch
 
 CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-IDX = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
+IDX = token_batch()
 
 
 def run_cfg(steps: int, lr: float = 1e-2) -> TrainConfig:

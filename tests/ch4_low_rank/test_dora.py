@@ -8,20 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.dora import DoRALinear, apply_dora
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unload
 from minimal.train import TrainConfig, train
+from tests.helpers import adamw_steps, tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def trained_layer(detach_norm: bool = True, seed: int = 0) -> DoRALinear:
@@ -35,7 +26,7 @@ def trained_layer(detach_norm: bool = True, seed: int = 0) -> DoRALinear:
 
 
 def test_identity_at_init() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_dora(model, r=4, alpha=8, targets=("c_attn", "c_proj"))
     torch.testing.assert_close(model(idx).logits, ref, atol=1e-6, rtol=0)
@@ -159,14 +150,10 @@ def test_merge_unmerge(detach_norm: bool) -> None:
 
 
 def test_model_merge_and_unload() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_dora(model, r=4, targets=("c_attn", "c_fc"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    for _ in range(3):
-        opt.zero_grad()
-        model(idx, labels=idx).loss.backward()
-        opt.step()
+    adamw_steps(model, idx, steps=3, lr=1e-2)
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]) and p.grad is None, n
@@ -189,7 +176,7 @@ def test_bad_input_errors() -> None:
 
 
 def test_learns() -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     apply_dora(model, r=8, alpha=16, targets=("c_attn", "c_fc"))
     before = model(idx, labels=idx).loss.item()
     train(model, lambda gen: (idx, idx), TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup=0, progress=False,

@@ -9,20 +9,11 @@ import torch.nn as nn
 
 from chapters.ch4_low_rank.dylora import DyLoRALinear, apply_dylora, set_rank
 from chapters.ch4_low_rank.lora import LoRALinear
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unmerge_all
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def layers_of(model: nn.Module) -> list[DyLoRALinear]:
@@ -36,7 +27,7 @@ def randomize_B(model: nn.Module) -> None:
 
 
 def test_identity_at_every_rank_and_count() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_dylora(model, r=6, targets=("c_attn", "c_fc"))
     for b in range(1, 7):
@@ -71,7 +62,7 @@ def test_truncated_forward_is_a_rank_b_lora() -> None:
 
 
 def test_only_the_first_b_components_get_gradient() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     hooks = apply_dylora(model, r=6, targets=("c_attn",), mode="nested", seed=3)
     randomize_B(model)
     sampler = hooks.step_end.__self__
@@ -85,7 +76,7 @@ def test_only_the_first_b_components_get_gradient() -> None:
 
 
 def test_frozen_mode_changes_only_component_b() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     hooks = apply_dylora(model, r=6, targets=("c_attn", "c_fc"), seed=1)
     randomize_B(model)
     sampler = hooks.step_end.__self__
@@ -111,7 +102,7 @@ def test_frozen_mode_changes_only_component_b() -> None:
 
 
 def test_sampling_uniform_shared_or_per_module_and_eval_uses_serving_rank() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     hooks = apply_dylora(model, r=4, r_min=2, targets=("c_attn", "c_fc"), seed=0)
     sampler = hooks.step_end.__self__
     model.train()
@@ -135,7 +126,7 @@ def test_sampling_uniform_shared_or_per_module_and_eval_uses_serving_rank() -> N
 
 
 def test_after_training_every_rank_serves_and_merges() -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     hooks = apply_dylora(model, r=4, alpha=8, targets=("c_attn", "c_fc"), seed=0)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     base = model(idx, labels=idx).loss.item()

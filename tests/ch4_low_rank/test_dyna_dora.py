@@ -9,24 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.dyna_dora import ComponentLinear, apply_dyna_dora, pruned_count
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def test_identity_at_init_and_trainable_count() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_dyna_dora(model, total_steps=20, r=4, targets=("c_attn", "c_fc"))
     assert torch.equal(model(idx).logits, ref)  # c = 0
@@ -92,7 +83,7 @@ def test_pruning_schedule_cubic() -> None:
 
 
 def test_prunes_lowest_scores_to_the_budget_on_schedule() -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     T = 40  # window [6, 20], prune every 4 steps
     hooks = apply_dyna_dora(model, total_steps=T, r=2, targets=("c_attn", "c_fc"), interval=4, alpha=8)
     pruner = hooks.step_end.__self__

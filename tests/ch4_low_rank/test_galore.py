@@ -12,15 +12,10 @@ from chapters.ch4_low_rank.galore import (
     galore_state_numel,
     optimizer_state_bytes,
 )
-from minimal.gpt import GPT, GPTConfig
 from minimal.train import TrainConfig, default_optimizer, train
+from tests.helpers import tiny_config, tiny_gpt
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
+CFG = tiny_config()
 
 
 class IdentityGaLore(GaLoreAdamW):

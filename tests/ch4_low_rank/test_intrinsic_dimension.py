@@ -14,38 +14,8 @@ from chapters.ch4_low_rank.intrinsic_dimension import (
     d90,
     fwht,
 )
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable
-
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
-    losses = []
-    for t in range(1, steps + 1):
-        loss = model(idx, labels=idx).loss
-        loss.backward()
-        with torch.no_grad():
-            for p, m, v in zip(params, m1, m2):
-                m.lerp_(p.grad, 0.1)
-                v.lerp_(p.grad.square(), 0.001)
-                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
-                p.grad = None
-        losses.append(loss.item())
-    return losses
+from tests.helpers import adam_steps, tiny_gpt, token_batch
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -93,7 +63,7 @@ def test_small_tensor_reads_all_of_z() -> None:
 
 @pytest.mark.parametrize("projection", ("fastfood", "dense"))
 def test_identity_at_init_count_and_frozen(projection: str) -> None:
-    base, idx = tiny_gpt(), batch()
+    base, idx = tiny_gpt(), token_batch()
     ref = base(idx).logits
     model, hooks = apply_intrinsic_dimension(base, d=40, projection=projection)
     assert torch.equal(model(idx).logits, ref)  # z = 0
@@ -121,7 +91,7 @@ def test_dense_projection_columns() -> None:
 
 
 def test_said_counts_and_reduces_to_did() -> None:
-    base, idx = tiny_gpt(), batch()
+    base, idx = tiny_gpt(), token_batch()
     m = len(list(base.named_parameters()))
     said = SubspaceModel(base, d=60, said=True, seed=3)
     assert count_trainable(said).trainable == 60 and said.z.numel() == 60 - m and said.lam.numel() == m
@@ -145,7 +115,7 @@ def test_exclude_keeps_tensors_at_theta0() -> None:
 
 
 def test_learns_and_generates() -> None:
-    base, idx = tiny_gpt(), batch()
+    base, idx = tiny_gpt(), token_batch()
     model, _ = apply_intrinsic_dimension(base, d=200)
     losses = adam_steps(model, idx, steps=25, lr=0.1)
     assert losses[-1] < losses[0] - 0.5, losses[::5]

@@ -16,19 +16,10 @@ from chapters.ch4_low_rank.krona import (
     n_kadaptation_params,
     n_krona_params,
 )
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unmerge_all
+from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def randomize(model: nn.Module, seed: int = 3) -> None:
@@ -40,32 +31,13 @@ def randomize(model: nn.Module, seed: int = 3) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
-    losses = []
-    for t in range(1, steps + 1):
-        loss = model(idx, labels=idx).loss
-        loss.backward()
-        with torch.no_grad():
-            for p, m, v in zip(params, m1, m2):
-                m.lerp_(p.grad, 0.1)
-                v.lerp_(p.grad.square(), 0.001)
-                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
-                p.grad = None
-        losses.append(loss.item())
-    return losses
-
-
 APPLY = {"krona": lambda m: apply_krona(m, targets=("c_attn", "c_fc")),
          "kadaptation": lambda m: apply_kadaptation(m, n=4, r=2, targets=("c_attn", "c_fc"))}
 
 
 @pytest.mark.parametrize("method", sorted(APPLY))
 def test_identity_at_init(method: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     APPLY[method](model)
     assert torch.equal(model(idx).logits, ref)
@@ -114,7 +86,7 @@ def test_kadaptation_delta_is_sum_of_krons_and_forward_is_dense() -> None:
 
 
 def test_kadaptation_shares_slow_weights_and_sums_their_gradients() -> None:
-    shared, separate, idx = tiny_gpt(), tiny_gpt(), batch()
+    shared, separate, idx = tiny_gpt(), tiny_gpt(), token_batch()
     apply_kadaptation(shared, n=4, r=2, targets=("c_attn",))
     apply_kadaptation(separate, n=4, r=2, targets=("c_attn",), share=False)
     randomize(shared)
@@ -138,7 +110,7 @@ def test_kadaptation_shares_slow_weights_and_sums_their_gradients() -> None:
 
 @pytest.mark.parametrize("method", sorted(APPLY))
 def test_frozen_base_bit_identical_and_merge(method: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     APPLY[method](model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     model.train()
@@ -159,7 +131,7 @@ def test_frozen_base_bit_identical_and_merge(method: str) -> None:
 
 @pytest.mark.parametrize("method", sorted(APPLY))
 def test_learns(method: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     APPLY[method](model)
     model.train()
     losses = adam_steps(model, idx, steps=30, lr=2e-2)

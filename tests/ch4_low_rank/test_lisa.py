@@ -12,16 +12,17 @@ from chapters.ch4_low_rank.lisa import (
     lisa_trainable_count,
     sample_blocks,
 )
-from minimal.gpt import GPT, GPTConfig
+from minimal.gpt import GPT
 from minimal.train import TrainConfig, train
+from tests import helpers
+from tests.helpers import tiny_config, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=4, n_head=4, n_embd=32)
-IDX = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+CFG = tiny_config(n_layer=4, n_embd=32)
+IDX = token_batch()
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
+    return helpers.tiny_gpt(seed, CFG)
 
 
 def run_cfg(steps: int, lr: float = 1e-3) -> TrainConfig:

@@ -10,20 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora, lora_scale
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, load_adapter, merge_all, save_adapter, unload, unmerge_all
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def randomize_lora(model: nn.Module, seed: int = 3) -> None:
@@ -46,7 +37,7 @@ def sgd_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1
 
 
 def test_identity_at_init() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_lora(model, r=4, alpha=8, targets=("c_attn", "c_fc"))
     assert torch.equal(model(idx).logits, ref)  # B = 0 exactly, so the branch adds exact zeros
@@ -67,7 +58,7 @@ def test_trainable_count_is_formula_and_only_A_B_train() -> None:
 
 
 def test_frozen_base_bit_identical_after_steps() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_lora(model, r=4, targets=("c_attn", "c_proj"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -81,7 +72,7 @@ def test_frozen_base_bit_identical_after_steps() -> None:
 
 
 def test_gradients_at_init_A_zero_B_nonzero() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_lora(model, r=4)
     model(idx, labels=idx).loss.backward()
     layer = model.h[1].attn.c_attn
@@ -134,7 +125,7 @@ def test_dropout_only_on_branch() -> None:
 
 
 def test_merge_equals_unmerged_and_errors() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_lora(model, r=4, targets=("c_attn", "c_proj"))
     sgd_steps(model, idx)
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -155,7 +146,7 @@ def test_merge_equals_unmerged_and_errors() -> None:
 
 
 def test_unload_gives_plain_linear_architecture() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_lora(model, r=4, targets=("c_attn", "c_fc"))
     sgd_steps(model, idx)
     adapted = model(idx).logits
@@ -199,7 +190,7 @@ def test_bad_input_errors() -> None:
 
 
 def test_save_load_round_trip_bit_exact(tmp_path) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_lora(model, r=4, alpha=8, targets=("c_attn",))
     sgd_steps(model, idx)
     config = {"method": "lora", "r": 4, "alpha": 8, "targets": ["c_attn"]}
@@ -216,7 +207,7 @@ def test_save_load_round_trip_bit_exact(tmp_path) -> None:
 
 
 def test_learns() -> None:
-    model, idx = tiny_gpt(), batch(b=8, t=16)
+    model, idx = tiny_gpt(), token_batch(b=8, t=16)
     apply_lora(model, r=8, alpha=16, targets=("c_attn", "c_fc"))
     before = model(idx, labels=idx).loss.item()
     cfg = TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup=0, progress=False, log_every=0)

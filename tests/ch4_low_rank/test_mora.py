@@ -10,38 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.mora import KINDS, MoRALinear, apply_mora, budget_error, mora_rank
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unmerge_all
+from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
-    losses = []
-    for t in range(1, steps + 1):
-        loss = model(idx, labels=idx).loss
-        loss.backward()
-        with torch.no_grad():
-            for p, m, v in zip(params, m1, m2):
-                m.lerp_(p.grad, 0.1)
-                v.lerp_(p.grad.square(), 0.001)
-                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
-                p.grad = None
-        losses.append(loss.item())
-    return losses
+CFG = tiny_config()
 
 
 def random_layer(kind: str, in_f: int = 64, out_f: int = 192, r_hat: int | None = None) -> MoRALinear:
@@ -96,7 +68,7 @@ def test_budget_rule() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_identity_at_init_and_count(kind: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_mora(model, r=4, kind=kind, targets=("c_attn", "c_proj"))
     assert torch.equal(model(idx).logits, ref)
@@ -135,7 +107,7 @@ def test_family_structure() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_frozen_base_bit_identical_and_merge(kind: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_mora(model, r=4, kind=kind, targets=("c_attn", "c_fc"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adam_steps(model, idx)
@@ -153,7 +125,7 @@ def test_frozen_base_bit_identical_and_merge(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ("sharing", "rotation"))
 def test_learns(kind: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_mora(model, r=4, kind=kind, targets=("c_attn", "c_fc"))
     losses = adam_steps(model, idx, steps=25, lr=2e-2)
     assert losses[-1] < losses[0] - 0.5, losses[::5]

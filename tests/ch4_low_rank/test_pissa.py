@@ -8,20 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.pissa import PiSSALinear, apply_milora, apply_pissa, component_indices
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unload
 from minimal.train import TrainConfig, train
+from tests.helpers import adamw_steps, tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def make_layer(which: str, r: int = 4, alpha: float | None = None) -> tuple[PiSSALinear, torch.Tensor]:
@@ -33,7 +24,7 @@ def make_layer(which: str, r: int = 4, alpha: float | None = None) -> tuple[PiSS
 
 @pytest.mark.parametrize("apply", [apply_pissa, apply_milora])
 def test_output_unchanged_at_init(apply) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply(model, r=4, targets=("c_attn", "c_fc"))
     assert (model(idx).logits - ref).abs().max() < 1e-5
@@ -82,7 +73,7 @@ def test_component_indices() -> None:
 
 
 def test_trainable_count_frozen_residual_and_init_gradients() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_pissa(model, r=4, targets=("c_attn", "c_proj"))
     d, r = CFG.n_embd, 4
     assert count_trainable(model).trainable == CFG.n_layer * r * ((d + 3 * d) + (d + d) + (4 * d + d))
@@ -91,11 +82,7 @@ def test_trainable_count_frozen_residual_and_init_gradients() -> None:
     layer = model.h[0].attn.c_attn
     assert layer.A.grad.abs().max() > 0 and layer.B.grad.abs().max() > 0  # unlike LoRA, A moves at once
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(3):
-        opt.zero_grad()
-        model(idx, labels=idx).loss.backward()
-        opt.step()
+    adamw_steps(model, idx, steps=3, lr=1e-3)
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]) and p.grad is None, n
@@ -125,7 +112,7 @@ def test_merge_unload_and_lora_equivalent() -> None:
 
 
 def test_model_unload_keeps_function() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_milora(model, r=4, targets=("c_attn",))
     with torch.no_grad():
         for m in model.modules():
@@ -151,7 +138,7 @@ def test_bad_input_errors() -> None:
 
 @pytest.mark.parametrize("apply", [apply_pissa, apply_milora])
 def test_learns(apply) -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     apply(model, r=8, targets=("c_attn", "c_fc"))
     before = model(idx, labels=idx).loss.item()
     train(model, lambda gen: (idx, idx), TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup=0, progress=False,

@@ -10,17 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.sltrain import SLTrainLinear, apply_sltrain, sltrain_count
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, merge_all, unmerge_all
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-IDX = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
+CFG = tiny_config()
+IDX = token_batch()
 
 
 def run_cfg(steps: int, lr: float = 1e-2) -> TrainConfig:

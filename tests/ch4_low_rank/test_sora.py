@@ -18,20 +18,11 @@ from chapters.ch4_low_rank.sora import (
     soft_threshold,
     xi_schedule,
 )
-from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable
 from minimal.train import TrainConfig, train
+from tests.helpers import tiny_config, tiny_gpt, token_batch
 
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+CFG = tiny_config()
 
 
 def sora_layers(model: nn.Module) -> list[SoRALinear]:
@@ -50,7 +41,7 @@ def test_soft_threshold_exact_and_official_quirk() -> None:
 
 
 def test_identity_at_init_and_trainable_count() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_sora(model, r=6, targets=("c_attn", "c_fc"))
     assert torch.equal(model(idx).logits, ref)  # B = 0
@@ -84,7 +75,7 @@ def test_dense_form_and_zero_gates_lower_the_rank() -> None:
 
 
 def test_code_form_adam_then_threshold_exact() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     hooks = apply_sora(model, r=4, xi=0.3)
     optimizer = hooks.make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=0.1))
     gate_group = optimizer.param_groups[-1]
@@ -101,7 +92,7 @@ def test_code_form_adam_then_threshold_exact() -> None:
 
 
 def test_paper_form_proximal_gradient_step_exact() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     hooks = apply_sora(model, r=4, xi=2.0, update="proximal")
     with torch.no_grad():
         for m in sora_layers(model):
@@ -121,7 +112,7 @@ def test_paper_form_proximal_gradient_step_exact() -> None:
 
 
 def test_training_prunes_gates_and_prune_sora_keeps_outputs() -> None:
-    model, idx = tiny_gpt(), batch(b=8)
+    model, idx = tiny_gpt(), token_batch(b=8)
     hooks = apply_sora(model, r=8, targets=("c_attn", "c_fc"), xi=0.02)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = model(idx, labels=idx).loss.item()

@@ -17,38 +17,9 @@ from chapters.ch4_low_rank.unified_view import (
     n_parallel_adapter_params,
     prefix_attention,
 )
-from minimal.gpt import GPT, GPTConfig
+from minimal.gpt import GPT
 from minimal.peft import count_trainable
-
-CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CFG).eval()
-
-
-def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
-    return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
-    losses = []
-    for t in range(1, steps + 1):
-        loss = model(idx, labels=idx).loss
-        loss.backward()
-        with torch.no_grad():
-            for p, m, v in zip(params, m1, m2):
-                m.lerp_(p.grad, 0.1)
-                v.lerp_(p.grad.square(), 0.001)
-                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
-                p.grad = None
-        losses.append(loss.item())
-    return losses
+from tests.helpers import adam_steps, tiny_gpt, token_batch
 
 
 def test_prefix_attention_is_gated_attention() -> None:
@@ -84,7 +55,7 @@ def test_gated_form_matches_the_gpt_attention_with_a_prefix() -> None:
 
 @pytest.mark.parametrize("where", ("mlp", "attn"))
 def test_parallel_adapter_identity_count_and_input(where: str) -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_parallel_adapter(model, bottleneck=8, where=where)
     assert torch.equal(model(idx).logits, ref)  # W_up = 0
@@ -125,7 +96,7 @@ def test_scaled_parallel_adapter_is_linear_in_scale() -> None:
 
 
 def test_mam_adapter() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     ref = model(idx).logits
     apply_mam_adapter(model, prefix_len=5, bottleneck=8)
     assert count_trainable(model).trainable == n_mam_params(2, 64, 5, 8) == 2 * 5 * 64 * 2 + 2 * (2 * 8 * 64 + 72)
@@ -145,7 +116,7 @@ def test_mam_adapter() -> None:
 
 
 def test_parallel_adapter_learns() -> None:
-    model, idx = tiny_gpt(), batch()
+    model, idx = tiny_gpt(), token_batch()
     apply_scaled_parallel_adapter(model, bottleneck=8)
     losses = adam_steps(model, idx, steps=25, lr=1e-2)
     assert losses[-1] < losses[0] - 0.5, losses[::5]
@@ -175,4 +146,4 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="already has"):
         apply_mam_adapter(model)
     with pytest.raises(ValueError, match="supplies prefix_kv"):
-        model(batch(), prefix_kv=model.mam_prefix.layers())
+        model(token_batch(), prefix_kv=model.mam_prefix.layers())

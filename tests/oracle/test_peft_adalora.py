@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from chapters.ch4_low_rank.adalora import RankAllocator, SVDLinear, apply_adalora  # noqa: E402
-from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict  # noqa: E402
+from tests.helpers import hf_tiny_pair  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj"]
 pytestmark = [
@@ -30,14 +30,7 @@ pytestmark = [
 
 
 def build(init_r: int = 4, target_r: int = 2, total_step: int = 4, orth_reg_weight: float = 0.5):
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
-    load_gpt2_state_dict(ours, hf.state_dict())
+    hf, ours = hf_tiny_pair()  # same weights, both in eval mode
     config = peft.AdaLoraConfig(
         task_type="CAUSAL_LM", init_r=init_r, target_r=target_r, lora_alpha=16, target_modules=TARGETS,
         total_step=total_step, tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85,

@@ -10,20 +10,16 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from chapters.ch2_additive.ia3 import apply_ia3  # noqa: E402
-from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict  # noqa: E402
+from minimal.gpt import GPT  # noqa: E402
 from minimal.peft import merge_all  # noqa: E402
+from tests.helpers import hf_tiny_pair  # noqa: E402
 
 V, T, D = 101, 9, 64
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def pair(attn: str) -> tuple[GPT, torch.nn.Module]:
-    hf_cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=D, n_layer=2, n_head=4, bos_token_id=0,
-                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=D)).eval()
-    load_gpt2_state_dict(ours, hf.state_dict())
+    hf, ours = hf_tiny_pair()  # same weights, both in eval mode
     cfg = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
                          feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True, init_ia3_weights=False)
     theirs = peft.get_peft_model(hf, cfg)  # init_ia3_weights=False: random vectors, not trivially ones

@@ -17,22 +17,11 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from chapters.ch4_low_rank.lora import apply_lora  # noqa: E402
-from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict  # noqa: E402
+from minimal.gpt import GPT  # noqa: E402
+from tests.helpers import hf_tiny_pair  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
-
-def hf_and_ours() -> tuple[torch.nn.Module, GPT]:
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
-    load_gpt2_state_dict(ours, hf.state_dict())
-    return hf, ours
 
 
 def copy_peft_lora(peft_model: torch.nn.Module, ours: GPT) -> int:
@@ -51,7 +40,7 @@ def copy_peft_lora(peft_model: torch.nn.Module, ours: GPT) -> int:
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_logits_and_gradients_match_peft(rslora: bool) -> None:
-    hf, ours = hf_and_ours()
+    hf, ours = hf_tiny_pair()
     config = peft.LoraConfig(
         task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
         fan_in_fan_out=True, init_lora_weights=False, use_rslora=rslora,
@@ -82,7 +71,7 @@ def test_lora_logits_and_gradients_match_peft(rslora: bool) -> None:
 
 def test_merged_weights_match_peft_merge() -> None:
     """peft's merged Conv1D weight is our merged nn.Linear weight transposed."""
-    hf, ours = hf_and_ours()
+    hf, ours = hf_tiny_pair()
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False
     )

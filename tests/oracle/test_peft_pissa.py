@@ -19,21 +19,15 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from chapters.ch4_low_rank.pissa import PiSSALinear, apply_pissa  # noqa: E402
-from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict  # noqa: E402
+from minimal.gpt import GPT  # noqa: E402
+from tests.helpers import hf_tiny_pair  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj"]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 
 def build(r: int, alpha: float) -> tuple[torch.nn.Module, GPT]:
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
-    load_gpt2_state_dict(ours, hf.state_dict())  # before peft overwrites hf's weights with the residual
+    hf, ours = hf_tiny_pair()  # copies the weights before peft overwrites hf's with the residual
     config = peft.LoraConfig(
         task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0,
         fan_in_fan_out=True, init_lora_weights="pissa",

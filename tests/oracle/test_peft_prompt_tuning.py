@@ -10,19 +10,15 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from chapters.ch2_additive.prompt_tuning import apply_prompt_tuning  # noqa: E402
-from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict  # noqa: E402
+from minimal.gpt import GPT  # noqa: E402
+from tests.helpers import hf_tiny_pair  # noqa: E402
 
 P, V, T = 6, 101, 9
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def pair() -> tuple[GPT, torch.nn.Module]:
-    hf_cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
-    load_gpt2_state_dict(ours, hf.state_dict())
+    hf, ours = hf_tiny_pair()  # same weights, both in eval mode
     theirs = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     apply_prompt_tuning(ours, n_tokens=P, init="random")
     with torch.no_grad():

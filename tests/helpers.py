@@ -1,0 +1,106 @@
+"""Setup shared by many test files: a tiny random GPT, token batches, a hand-written Adam, an HF twin.
+
+Plain functions (not fixtures) so that a test can build several models with different seeds or configs.
+The defaults are the tiny config of conftest.py: vocab 101, block 32, 2 layers, 4 heads, width 64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict
+
+TINY = dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    """The tiny config, with any field overridden (e.g. tiny_config(n_layer=3, n_embd=32))."""
+    return GPTConfig(**{**TINY, **overrides})
+
+
+def tiny_gpt(seed: int = 0, config: GPTConfig | None = None, *, eval_mode: bool = True) -> GPT:
+    """A random GPT of `config` (the tiny config by default), built after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    model = GPT(config if config is not None else tiny_config())
+    return model.eval() if eval_mode else model
+
+
+def token_batch(seed: int = 1, b: int = 4, t: int = 16, vocab_size: int = 101) -> torch.Tensor:
+    """[b, t] random token ids from their own generator (the global RNG is left alone)."""
+    return torch.randint(0, vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def masked_batch(seed: int = 1, b: int = 4, t: int = 16, prompt: int = 6, vocab_size: int = 101,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, labels): random ids, labels = ids with the first `prompt` positions set to -100."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab_size, (b, t), generator=g)
+    labels = idx.clone()
+    labels[:, :prompt] = -100
+    return idx, labels
+
+
+def masked_batches(n: int = 3, seed: int = 1, b: int = 4, t: int = 12, prompt: int = 5,
+                   vocab_size: int = 101) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n masked batches drawn one after another from one generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return [masked_batch(b=b, t=t, prompt=prompt, vocab_size=vocab_size, generator=g) for _ in range(n)]
+
+
+def adam_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """Adam written out (torch.optim's first step imports torch._dynamo: seconds on a busy CPU).
+
+    Trains the parameters with requires_grad on the LM loss of `idx` (labels = idx); returns the losses.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    losses = []
+    for t in range(1, steps + 1):
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        with torch.no_grad():
+            for p, m, v in zip(params, m1, m2):
+                m.lerp_(p.grad, 0.1)
+                v.lerp_(p.grad.square(), 0.001)
+                p.sub_(lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
+                p.grad = None
+        losses.append(loss.item())
+    return losses
+
+
+def adamw_steps(model: nn.Module, idx: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> None:
+    """`steps` steps of torch.optim.AdamW on the trainable parameters, LM loss of `idx` (labels = idx)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(idx, labels=idx).loss.backward()
+        opt.step()
+
+
+def hf_tiny_pair(seed: int = 0):
+    """A random transformers GPT2LMHeadModel (made after torch.manual_seed(seed), no dropout) and our GPT
+    of the tiny config with the same weights; both in eval mode. Returns (hf, ours). Needs transformers
+    (the calling file guards it with pytest.importorskip)."""
+    import transformers
+
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    ours = GPT(tiny_config()).eval()
+    load_gpt2_state_dict(ours, hf.state_dict())
+    return hf, ours
+
+
+def effective_params(model: nn.Module, reference: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of every tensor of `model` under the parameter names of `reference` (an untouched
+    model of the same architecture), each read through its module, so through any parametrisation."""
+    out = {}
+    for name in [n for n, _ in reference.named_parameters()]:
+        module, attr = name.rsplit(".", 1)
+        out[name] = getattr(model.get_submodule(module), attr).detach().clone()
+    return out
