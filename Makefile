@@ -19,8 +19,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# one thread: the models are small, and a second thread only helps on an otherwise idle machine
 run: $(STAMP)
-	$(BIN)/python -m chapters.leaderboard
+	OMP_NUM_THREADS=1 $(BIN)/python -m chapters.leaderboard
 
 # unit tests, then every notebook under nbval (outputs compared, volatile cells marked NBVAL_IGNORE_OUTPUT).
 # Notebooks are executed and checked with one thread, so both sides compute the same floating-point sums.
