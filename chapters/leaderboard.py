@@ -32,7 +32,7 @@ from minimal.train import Hooks, TrainConfig, evaluate_task, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = ("sentiment", "family")  # --tasks camel kv_recall ... adds more
-DEFAULT = TrainConfig(steps=200, batch_size=16, warmup=20, log_every=0)
+DEFAULT = TrainConfig(steps=150, batch_size=8, warmup=15, log_every=0)
 MAX_TEST = 100  # test examples scored per task
 
 
