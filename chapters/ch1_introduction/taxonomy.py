@@ -47,6 +47,25 @@ TAXONOMY: dict[str, tuple[str, ...]] = {
     ),
 }
 
+_CH2, _CH3, _CH4 = "chapters/ch2_additive/", "chapters/ch3_selective/", "chapters/ch4_low_rank/"
+FILES: dict[str, str] = {  # method -> the file that implements it (paths from the repository root)
+    "Prompt tuning": _CH2 + "prompt_tuning.py", "Prefix tuning": _CH2 + "prefix_tuning.py",
+    "Houlsby adapter": _CH2 + "adapters.py", "AdapterFusion": _CH2 + "adapter_fusion.py",
+    "SparseAdapter": _CH2 + "sparse_adapter.py", "CIAT": _CH2 + "ciat.py", "Proxy-tuning": _CH2 + "proxy_tuning.py",
+    "Parallel adapter / MAM": _CH4 + "unified_view.py", "(IA)^3": _CH2 + "ia3.py",
+    "BitFit": _CH3 + "bitfit.py", "Layer freezing": _CH3 + "freeze_layers.py", "SAM": _CH3 + "sam.py",
+    "PaFi": _CH3 + "pafi_hiwi.py", "FISH mask": _CH2 + "fish_mask.py", "Child-Tuning": _CH3 + "child_tuning.py",
+    "Masking": _CH3 + "learned_masks.py", "LT-SFT": _CH3 + "lt_sft.py", "Lottery ticket": _CH3 + "lottery_ticket.py",
+    "FISH-DIP": _CH3 + "fish_dip.py", "LISA": _CH4 + "lisa.py",
+    "HiWi": _CH3 + "pafi_hiwi.py", "LoRA": _CH4 + "lora.py", "rsLoRA": _CH4 + "lora.py", "KronA": _CH4 + "krona.py",
+    "KAdaptation": _CH4 + "krona.py", "DoRA": _CH4 + "dora.py", "PiSSA": _CH4 + "pissa.py",
+    "MiLoRA": _CH4 + "pissa.py", "LoTR": _CH4 + "lotr.py", "MoRA": _CH4 + "mora.py", "MELoRA": _CH4 + "melora.py",
+    "Intrinsic dimension": _CH4 + "intrinsic_dimension.py", "AdaLoRA": _CH4 + "adalora.py", "SoRA": _CH4 + "sora.py",
+    "DoRA (dynamic rank)": _CH4 + "dyna_dora.py", "DyLoRA": _CH4 + "dylora.py", "ReLoRA": _CH4 + "relora.py",
+    "COLA": _CH4 + "chain_of_lora.py", "GaLore": _CH4 + "galore.py", "SLTrain": _CH4 + "sltrain.py",
+    "LoraHub": _CH4 + "lorahub.py",
+}
+
 NOTES: dict[str, str] = {
     "Proxy-tuning": "adds a small tuned model's logit offset at decoding time",
     "(IA)^3": "learned vectors rescale activations",

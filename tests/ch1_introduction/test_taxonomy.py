@@ -47,3 +47,15 @@ def test_drawing_shows_every_family_and_method() -> None:
         assert set(methods) <= texts
     small = draw_taxonomy({"a": ("x",), "b": ("y", "z")})
     assert {"a (1)", "b (2)", "x", "y", "z"} <= {t.get_text() for t in small.axes[0].texts}
+
+
+def test_every_placed_method_links_to_an_existing_file():
+    from pathlib import Path
+
+    from chapters.ch1_introduction.taxonomy import FILES, TAXONOMY
+
+    root = Path(__file__).resolve().parents[2]
+    placed = {m for methods in TAXONOMY.values() for m in methods}
+    assert placed == set(FILES)
+    for method, path in FILES.items():
+        assert (root / path).is_file(), f"{method}: {path} does not exist"
