@@ -85,47 +85,9 @@ class ProxyTuned(nn.Module):
             loss = F.cross_entropy(z.view(B * T, -1), targets.reshape(-1), ignore_index=-100)
         return GPTOutput(logits=z, loss=loss, cache=[o.cache for o in outs])
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        stop_token: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend idx [B, T] with tokens drawn from p~ (temperature 0: greedy). Same arguments as GPT.generate."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if idx.shape[1] + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                             f"{self.config.block_size}")
-        caches, step_input = None, idx
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if use_cache:
-                out = self(step_input, cache=caches)
-                caches = out.cache
-            else:
-                out = self(idx)
-            z = out.logits[:, -1, :]  # [B, V]
-            if temperature == 0:
-                nxt = z.argmax(dim=-1, keepdim=True)  # [B, 1]
-            else:
-                z = z / temperature
-                if top_k is not None:
-                    kth = torch.topk(z, min(top_k, z.shape[-1])).values[:, -1:]  # [B, 1]
-                    z = z.masked_fill(z < kth, float("-inf"))
-                nxt = torch.multinomial(z.softmax(dim=-1), 1, generator=generator)  # [B, 1]
-            idx = torch.cat([idx, nxt], dim=1)
-            step_input = nxt
-            if stop_token is not None:
-                done |= nxt[:, 0] == stop_token
-                if bool(done.all()):
-                    break
-        return idx
+    # The decoding loop is GPT's own: it only calls self(idx, cache=...) and reads self.config.block_size,
+    # so with the combined scores above it samples from p~ (temperature 0: greedy).
+    generate = GPT.generate
 
 
 def proxy_model(base: GPT, expert: GPT, anti_expert: GPT, alpha: float = 1.0,
