@@ -58,7 +58,8 @@ class MaskedLinear(Mergeable):
     def ste_mask(self) -> torch.Tensor:
         """The binary mask in the forward pass, the identity in the backward pass (to the scores)."""
         hard = self.mask().to(self.scores.dtype)
-        return hard + self.scores - self.scores.detach()  # value: hard (exactly); gradient: d/dS = d/dM
+        # (S - S.detach()) is exactly 0 in value, so the forward value is exactly the binary mask; gradient d/dS = d/dM
+        return hard + (self.scores - self.scores.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
