@@ -349,6 +349,20 @@ def collate(examples: list[Example], block_size: int) -> tuple[torch.Tensor, tor
     return idx, labels
 
 
+def sample_examples(data: Task | tuple[torch.Tensor, torch.Tensor], n_samples: int, block_size: int,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, labels) [N, T] of at most n_samples examples, drawn once (seeded) from a Task's train split, or the
+    first n_samples rows of a given (idx, labels) batch. Data-driven masks (FISH, FISH-DIP) score these."""
+    if n_samples <= 0:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    if isinstance(data, Task):
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_samples]
+        return collate([data.train[i] for i in order.tolist()], block_size)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0][:n_samples], data[1][:n_samples]
+    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
+
+
 def task_batch(task: Task, batch_size: int, block_size: int, gen: torch.Generator,
                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     data = task.splits[split]

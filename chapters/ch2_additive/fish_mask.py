@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from minimal.data import Task, collate
+from minimal.data import Task, sample_examples
 from minimal.gpt import GPT
 from minimal.peft import freeze
 from minimal.sparse import GradMask, Masks, add_sparse_deltas, budget, empirical_fisher, sparse_deltas, topk_mask
@@ -43,16 +43,7 @@ IMPLEMENTATIONS = ("delta", "grad_mask")
 SCORES = ("fisher", "random")
 
 
-def fisher_samples(data: Task | Batch, n_samples: int, block_size: int, seed: int = 0) -> Batch:
-    """(idx, labels) [N, T] of at most n_samples examples: drawn from a Task's train split, or a given batch."""
-    if n_samples <= 0:
-        raise ValueError(f"n_samples must be positive, got {n_samples}")
-    if isinstance(data, Task):
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_samples]
-        return collate([data.train[i] for i in order.tolist()], block_size)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0][:n_samples], data[1][:n_samples]
-    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
+fisher_samples = sample_examples  # shared with the other data-driven masks (minimal/data.py)
 
 
 def eligible_names(model: GPT, exclude: tuple[str, ...]) -> list[str]:

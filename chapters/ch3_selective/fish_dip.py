@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimal.data import Task, collate
+from minimal.data import Task, sample_examples
 from minimal.gpt import GPT
 from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask
 from minimal.train import Batch, Hooks
@@ -135,16 +135,7 @@ class FishDip:
         return Hooks(after_backward=self.after_backward, step_end=self.step_end, n_trainable=self.k)
 
 
-def sample_pool(data: Task | Batch, n_samples: int, block_size: int, seed: int = 0) -> Batch:
-    """(idx, labels) [N, T]: up to n_samples examples drawn once from a Task's train split, or a given batch."""
-    if n_samples <= 0:
-        raise ValueError(f"n_samples must be positive, got {n_samples}")
-    if isinstance(data, Task):
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_samples]
-        return collate([data.train[i] for i in order.tolist()], block_size)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0][:n_samples], data[1][:n_samples]
-    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
+sample_pool = sample_examples  # shared with the other data-driven masks (minimal/data.py)
 
 
 def apply_fish_dip(model: GPT, data: Task | Batch, fraction: float = 0.01, every: int = 100, n_samples: int = 256,
