@@ -33,7 +33,11 @@ def hf_model(config: GPTConfig):
 
 
 def step_fn(model, idx: torch.Tensor, ours: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """A closure doing one timed training step: forward, backward, AdamW over the trainable tensors.
+
+    `ours` picks the call convention: our GPT takes (idx, labels=...), `transformers` (input_ids=..., labels=...).
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -44,6 +48,18 @@ def step_fn(model, idx: torch.Tensor, ours: bool):
         return time.perf_counter() - t0
 
     return step
+
+
+def time_alternating(steps: dict, rounds: int, warmup: int = 5) -> dict[str, float]:
+    """Median seconds per call of each closure in `steps`, called in alternation (a, b, a, b, ...) so that
+    background load hits every side alike; the first `warmup` rounds are not counted."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(rounds + warmup):
+        for name, step in steps.items():
+            t = step()
+            if i >= warmup:
+                times[name].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,17 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     theirs.load_state_dict(to_gpt2_state_dict(ours), strict=False)
     idx = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size))
     steps = {"ours": step_fn(ours, idx, True), "transformers": step_fn(theirs, idx, False)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(args.steps + 5):  # 5 warm-up rounds, then alternate
-        for name, step in steps.items():
-            t = step()
-            if i >= 5:
-                times[name].append(t)
+    median = time_alternating(steps, args.steps)
     tokens = args.batch_size * config.block_size
-    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    tps = {k: tokens / median[k] for k in steps}
     result = {
         "config": config.__dict__, "batch_size": args.batch_size, "steps_timed": args.steps,
-        "median_step_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+        "median_step_ms": {k: 1000 * median[k] for k in steps},
         "tokens_per_second": tps, "ratio_ours_over_transformers": tps["ours"] / tps["transformers"],
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "command": "python -m minimal.benchmark",

@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import apply_lora
+from minimal.benchmark import hf_model, step_fn, time_alternating
 from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict
 from minimal.peft import count_trainable
 
@@ -40,15 +39,9 @@ def lora_pair(config: GPTConfig, r: int = 8, alpha: float = 16.0, targets: list[
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import peft
-    import transformers
 
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
     torch.manual_seed(seed)
-    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    hf = hf_model(config)
     ours = GPT(config)
     load_gpt2_state_dict(ours, hf.state_dict())
     theirs = peft.get_peft_model(hf, peft.LoraConfig(
@@ -78,21 +71,6 @@ def lora_pair(config: GPTConfig, r: int = 8, alpha: float = 16.0, targets: list[
     return theirs.train(), ours.train()
 
 
-def step_fn(model: nn.Module, idx: torch.Tensor, ours: bool):
-    """A closure doing one timed training step (forward, backward, AdamW on the trainable tensors)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        out = model(idx, labels=idx) if ours else model(input_ids=idx, labels=idx)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
-
-    return step
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -107,19 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     idx = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size),
                         generator=torch.Generator().manual_seed(0))
     steps = {"ours": step_fn(ours, idx, True), "peft": step_fn(theirs, idx, False)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(args.steps + 5):  # 5 warm-up rounds, then alternate
-        for name, step in steps.items():
-            t = step()
-            if i >= 5:
-                times[name].append(t)
+    median = time_alternating(steps, args.steps)
     tokens = args.batch_size * config.block_size
-    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    tps = {k: tokens / median[k] for k in steps}
     ratio = tps["ours"] / tps["peft"]
     result = {
         "config": config.__dict__, "rank": args.rank, "targets": TARGETS, "batch_size": args.batch_size,
         "steps_timed": args.steps, "trainable": count_trainable(ours).trainable,
-        "median_step_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+        "median_step_ms": {k: 1000 * median[k] for k in steps},
         "tokens_per_second": tps, "ratio_ours_over_peft": ratio,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "command": "python -m chapters.ch4_low_rank.lora_speed",
