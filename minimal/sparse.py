@@ -26,7 +26,7 @@ cross terms between examples do not cancel.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -255,6 +255,48 @@ def _check_batch(idx: torch.Tensor, labels: torch.Tensor) -> None:
     empty = (labels[:, 1:] == -100).all(dim=1)
     if bool(empty.any()):
         raise ValueError(f"examples {empty.nonzero().squeeze(1).tolist()[:5]} have no target token (all -100)")
+
+
+def sum_batch_gradients(
+    model: nn.Module,
+    batches: Iterable,
+    names: list[str] | None = None,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """(sum over batches of transform(d loss_b / d theta), number of batches), at the current weights.
+
+    One backward per *batch* (not per example, unlike `empirical_fisher`). The model is not changed: no
+    parameter moves, no .grad is left behind, requires_grad flags and train/eval mode are restored; dropout
+    is off meanwhile. loss_fn(model, batch) defaults to the model's own loss on batch = (idx, labels).
+    A parameter the loss does not reach contributes zeros. Used by SAM (signed sum) and Child-Tuning_D
+    (sum of clipped squares).
+    """
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else list(names)
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise ValueError(f"cannot take gradients of {unknown or names}; parameters are e.g. {list(params)[:5]}")
+    tensors = [params[n] for n in names]
+    flags = [p.requires_grad for p in tensors]
+    was_training = model.training
+    model.eval()
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    count = 0
+    try:
+        for p in tensors:
+            p.requires_grad_(True)
+        for batch in batches:
+            loss = model(batch[0], labels=batch[1]).loss if loss_fn is None else loss_fn(model, batch)
+            for n, g in zip(names, torch.autograd.grad(loss, tensors, allow_unused=True), strict=True):
+                if g is not None:
+                    total[n] += g if transform is None else transform(g)
+            count += 1
+    finally:
+        for p, f in zip(tensors, flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return total, count
 
 
 def empirical_fisher(

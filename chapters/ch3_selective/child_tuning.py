@@ -37,7 +37,7 @@ import torch
 
 from minimal.data import Task, collate
 from minimal.gpt import GPT
-from minimal.sparse import GradMask, Masks, budget, topk_mask
+from minimal.sparse import GradMask, Masks, budget, sum_batch_gradients, topk_mask
 from minimal.train import Batch, Hooks
 
 
@@ -97,31 +97,13 @@ def child_fisher(model: GPT, batches: Iterable[Batch], names: list[str] | None =
     The model is not changed (gradients are taken with torch.autograd.grad; dropout is off).
     """
     names = in_block_names(model) if names is None else names
-    params = dict(model.named_parameters())
-    unknown = [n for n in names if n not in params]
-    if unknown or not names:
-        raise ValueError(f"cannot score parameters {unknown or names}")
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
-    tensors = [params[n] for n in names]
-    flags = [p.requires_grad for p in tensors]
-    was_training = model.training
-    model.eval()
-    fisher = {n: torch.zeros_like(params[n]) for n in names}
-    count = 0
-    try:
-        for p in tensors:
-            p.requires_grad_(True)
-        for idx, labels in batches:
-            loss = model(idx, labels=labels).loss
-            for n, g in zip(names, torch.autograd.grad(loss, tensors), strict=True):
-                g = g * (max_grad_norm / g.norm().clamp(min=max_grad_norm))  # clip this tensor's norm to max
-                fisher[n] += g.square()
-            count += 1
-    finally:
-        for p, f in zip(tensors, flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
+
+    def clipped_square(g: torch.Tensor) -> torch.Tensor:
+        return (g * (max_grad_norm / g.norm().clamp(min=max_grad_norm))).square()  # clip the tensor's norm
+
+    fisher, count = sum_batch_gradients(model, batches, names, transform=clipped_square)
     if count == 0:
         raise ValueError("child_fisher: no batches given")
     return {n: f / count for n, f in fisher.items()}

@@ -41,7 +41,7 @@ import torch.nn as nn
 from minimal.data import Task, collate
 from minimal.gpt import GPT
 from minimal.peft import freeze
-from minimal.sparse import GradMask, Masks, add_sparse_deltas, sparse_deltas, topk_mask
+from minimal.sparse import GradMask, Masks, add_sparse_deltas, sparse_deltas, sum_batch_gradients, topk_mask
 from minimal.train import Batch, Hooks
 
 IMPLEMENTATIONS = ("delta", "grad_mask")
@@ -64,30 +64,7 @@ def accumulated_gradient(model: nn.Module, batches: Iterable[Batch], names: list
     The model is not changed: no parameter moves and no .grad is left behind (dropout is off meanwhile).
     names: the parameters to accumulate (default: all). loss_fn(model, batch) -> scalar loss.
     """
-    params = dict(model.named_parameters())
-    names = list(params) if names is None else list(names)
-    unknown = [n for n in names if n not in params]
-    if unknown or not names:
-        raise ValueError(f"cannot accumulate gradients of {unknown or names}; parameters are e.g. {list(params)[:5]}")
-    tensors = [params[n] for n in names]
-    flags = [p.requires_grad for p in tensors]
-    was_training = model.training
-    model.eval()
-    total = {n: torch.zeros_like(params[n]) for n in names}
-    count = 0
-    try:
-        for p in tensors:
-            p.requires_grad_(True)
-        for batch in batches:
-            grads = torch.autograd.grad(loss_fn(model, batch), tensors, allow_unused=True)
-            for n, g in zip(names, grads, strict=True):
-                if g is not None:
-                    total[n] += g
-            count += 1
-    finally:
-        for p, f in zip(tensors, flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
+    total, count = sum_batch_gradients(model, batches, names, loss_fn)
     if count == 0:
         raise ValueError("accumulated_gradient: no batches given")
     return total

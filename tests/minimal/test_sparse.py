@@ -15,6 +15,7 @@ from minimal.sparse import (
     merge_sparse_deltas,
     sparse_deltas,
     squared_batch_gradient,
+    sum_batch_gradients,
     topk_mask,
 )
 from minimal.train import Hooks, TrainConfig, train
@@ -246,3 +247,33 @@ def test_grad_mask_errors():
     freeze(model)
     with pytest.raises(ValueError, match="do not require grad"):
         GradMask(model, {"ln_f.bias": mask})
+
+
+def test_sum_batch_gradients_sums_transformed_batch_gradients_and_leaves_the_model_alone() -> None:
+    model = tiny().train()
+    freeze_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.h[0].mlp.c_fc.weight.requires_grad_(False)  # a frozen tensor is scored all the same
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [batch(seed=1), batch(seed=2)]
+    names = ["h.0.mlp.c_fc.weight", "h.1.attn.c_attn.bias"]
+    total, count = sum_batch_gradients(model, batches, names, transform=torch.square)
+    assert count == 2 and set(total) == set(names)
+    # the reference: one plain backward per batch on a copy in eval mode
+    ref = tiny().eval()
+    expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters() if n in names}
+    for idx, labels in batches:
+        ref.zero_grad()
+        ref(idx, labels=labels).loss.backward()
+        for n, p in ref.named_parameters():
+            if n in names:
+                expected[n] += p.grad.square()
+    for n in names:
+        torch.testing.assert_close(total[n], expected[n])
+        assert total[n].abs().max() > 0
+    assert model.training and not model.h[0].mlp.c_fc.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        **freeze_flags, "h.0.mlp.c_fc.weight": False}
+    with pytest.raises(ValueError, match="cannot take gradients"):
+        sum_batch_gradients(model, batches, ["nope"])
