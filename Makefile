@@ -48,8 +48,11 @@ lab: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# one thread, as the README's figures: our GPT against transformers, our LoRA against peft, S-LoRA serving -> results/
 benchmark: $(STAMP)
-	$(BIN)/python -m minimal.benchmark
+	OMP_NUM_THREADS=1 $(BIN)/python -m minimal.benchmark
+	OMP_NUM_THREADS=1 $(BIN)/python -m chapters.ch4_low_rank.lora_speed
+	OMP_NUM_THREADS=1 $(BIN)/python -m chapters.ch4_low_rank.slora_benchmark
 
 pretrain: $(STAMP)
 	$(BIN)/python -m minimal.pretrain
