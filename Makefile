@@ -35,10 +35,11 @@ nbval: $(STAMP)
 	$(if $(NOTEBOOKS),OMP_NUM_THREADS=1 $(BIN)/python -m pytest --nbval $(NOTEBOOKS) --sanitize-with notebooks/sanitize.cfg -q; \
 	  rc=$$?; test $$rc -eq 0 -o $$rc -eq 5,@echo "no notebooks")
 
-# re-execute every notebook in place (after a code change), on the CPU, as CI will
+# re-execute every notebook in place (after a code change), on the CPU, as CI will; the inline backend
+# (not the exported Agg) so that the figures are saved in the notebooks
 notebooks: $(STAMP)
 	for nb in $(NOTEBOOKS); do \
-	  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 MPLBACKEND=module://matplotlib_inline.backend_inline $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=600 $$nb || exit 1; done
 
 lab: $(STAMP)
