@@ -3,12 +3,14 @@
     python -m chapters.leaderboard                      # all methods, default tasks -> results/
     python -m chapters.leaderboard --methods full lora  # a subset
     python -m chapters.leaderboard --steps 50 --out /tmp/lb   # a quick look
+    python -m chapters.leaderboard --methods lora --applications # one method, then chapter 5's recipes
 
 For each method and task: load `base`, apply the method, train with the shared loop (same steps, batch
 size and seed for everyone; the learning rate is the method's own, from the registry), evaluate on the
 task's test split. Writes results/leaderboard.md (method, trainable parameters and percent, the metric
 per task, seconds per step, peak memory), results/leaderboard.json, and results/leaderboard.png
-(metric against trainable parameters, log scale).
+(metric against trainable parameters, log scale). With every method (or --applications), chapter 5's
+training recipes follow: text-to-SQL and TabLLM -> results/applications.md and .json.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT.steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--applications", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run chapter 5's recipes (text-to-SQL, TabLLM); default: only with all methods")
     args = parser.parse_args(argv)
     methods = [get_method(m) for m in (args.methods or METHODS)]
     for t in args.tasks:
@@ -127,6 +131,36 @@ def main(argv: list[str] | None = None) -> None:
         write(rows, args.tasks, cfg, args.out, time.perf_counter() - t0)  # after every method: nothing is lost
     plot(rows, args.tasks, args.out / "leaderboard.png")
     print((args.out / "leaderboard.md").read_text(encoding="utf-8"))
+    if args.applications or (args.applications is None and args.methods is None):
+        print(applications(args.seed, args.out))
+
+
+def applications(seed: int, out: Path, recipes: dict | None = None) -> str:
+    """Chapter 5's training recipes, each a short end-to-end run -> results/applications.md and .json.
+
+    recipes: name -> function(seed) returning a dict of metrics (possibly nested one level, per table);
+    default: FinSQL-style text-to-SQL (execution accuracy, exact match) and TabLLM (AUC per table).
+    """
+    if recipes is None:
+        from chapters.ch5_applications.finsql import finsql_recipe
+        from chapters.ch5_applications.tabllm import tabllm_recipe
+
+        recipes = {"text-to-SQL (finsql_recipe)": lambda s: finsql_recipe(seed=s),
+                   "TabLLM (tabllm_recipe)": lambda s: tabllm_recipe(seed=s)}
+    results, lines = {}, ["# Chapter 5 recipes", "", f"Written by `python -m chapters.leaderboard` (seed {seed}).", ""]
+    for name, recipe in recipes.items():
+        t0 = time.perf_counter()
+        results[name] = recipe(seed)
+        lines += [f"## {name} ({time.perf_counter() - t0:.0f} s)", "", "| what | value |", "|---|---|"]
+        for key, value in results[name].items():
+            inner = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in inner:
+                label = key if sub is None else f"{key} / {sub}"
+                lines.append(f"| {label} | {v:.4f} |" if isinstance(v, float) else f"| {label} | {v} |")
+        lines.append("")
+        (out / "applications.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (out / "applications.md").write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(lines)
 
 
 def write(rows: list[dict], tasks: list[str], cfg: TrainConfig, out: Path, seconds: float) -> None:

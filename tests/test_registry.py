@@ -67,3 +67,24 @@ def test_gradient_masking_methods_state_the_entries_they_update(name, small_voca
     total = count_trainable(small_vocab_gpt).total
     assert hooks.n_trainable is not None
     assert 0 < hooks.n_trainable <= 0.005 * total < count_trainable(small_vocab_gpt).trainable
+
+
+def test_applications_runs_each_recipe_and_writes_a_table(tmp_path):
+    seen = []
+
+    def sql(seed):
+        seen.append(("sql", seed))
+        return {"execution_accuracy": 0.25, "n_test": 40}
+
+    def tab(seed):
+        seen.append(("tab", seed))
+        return {"iris": {"ia3": 0.875}, "wine": {"ia3": 0.5}}
+
+    md = leaderboard.applications(3, tmp_path, {"sql": sql, "tab": tab})
+    assert seen == [("sql", 3), ("tab", 3)]
+    assert "| execution_accuracy | 0.2500 |" in md and "| n_test | 40 |" in md
+    assert "| iris / ia3 | 0.8750 |" in md and "| wine / ia3 | 0.5000 |" in md
+    saved = json.loads((tmp_path / "applications.json").read_text(encoding="utf-8"))
+    assert saved == {"sql": {"execution_accuracy": 0.25, "n_test": 40},
+                     "tab": {"iris": {"ia3": 0.875}, "wine": {"ia3": 0.5}}}
+    assert (tmp_path / "applications.md").read_text(encoding="utf-8") == md
