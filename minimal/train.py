@@ -9,8 +9,10 @@ gradient clipping, periodic evaluation, and a history of losses and metrics. Met
     clip;  optimizer.step();  hooks.step_end(model, step, optimizer)     # e.g. pruning, merges, restarts
 
 and `hooks.make_optimizer(params)` replaces AdamW (e.g. GaLore). The result reports the trainable
-parameter count, seconds per step, and peak memory: on CUDA the allocator's peak, on CPU the bytes of
-parameters, gradients and optimizer state counted from the tensors themselves.
+parameter count, seconds per step, and peak memory: on CUDA the allocator's peak, on CPU the largest, over
+the steps, of the bytes of parameters, gradients and optimizer state counted from the tensors themselves
+(taken right after each optimizer step, so a method that shrinks its state later, like a ReLoRA reset
+or a LISA re-draw, still shows its peak).
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def train(
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        if device.type != "cuda":  # the CPU peak: parameters, gradients and state right after the step
+            result.peak_memory_bytes = max(result.peak_memory_bytes, tensor_bytes(model, optimizer))
         if hooks.step_end is not None:
             hooks.step_end(model, step, optimizer)
         if not math.isfinite(loss.item()):
@@ -176,8 +180,6 @@ def train(
     bar.close()
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
-    else:
-        result.peak_memory_bytes = tensor_bytes(model, optimizer)
     if eval_fn is not None:
         result.evals.append({"step": cfg.steps, **eval_fn(model)})
     model.eval()

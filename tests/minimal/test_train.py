@@ -32,6 +32,21 @@ def test_training_lowers_the_loss_and_reports(tiny_gpt):
     assert tensor_bytes(tiny_gpt) == 2 * 4 * res.trainable  # without the optimizer: weights and gradients
 
 
+def test_cpu_peak_memory_is_the_peak_not_the_end(tiny_gpt):
+    """A hook that drops the optimizer state after the last step (like a ReLoRA reset) lowers the end
+    value, not the reported peak."""
+    cfg = TrainConfig(steps=3, lr=1e-3, warmup=1, progress=False, log_every=0)
+
+    def reset_at_end(model, step, optimizer):
+        if step == cfg.steps - 1:
+            optimizer.state.clear()
+
+    res = train(tiny_gpt, fixed_batch(), cfg, hooks=Hooks(step_end=reset_at_end))
+    n_tensors = len(list(tiny_gpt.parameters()))
+    assert res.peak_memory_bytes == 4 * 4 * res.trainable + 4 * n_tensors
+    assert tensor_bytes(tiny_gpt) == 2 * 4 * res.trainable  # what the end of the run holds
+
+
 def test_frozen_parameters_stay_bit_identical(tiny_gpt):
     freeze(tiny_gpt)
     unfreeze(tiny_gpt, lambda n: n.startswith("h.1."))
