@@ -88,3 +88,17 @@ def test_applications_runs_each_recipe_and_writes_a_table(tmp_path):
     assert saved == {"sql": {"execution_accuracy": 0.25, "n_test": 40},
                      "tab": {"iris": {"ia3": 0.875}, "wine": {"ia3": 0.5}}}
     assert (tmp_path / "applications.md").read_text(encoding="utf-8") == md
+
+
+def test_leaderboard_scores_an_evenly_spaced_test_subset_covering_every_family():
+    task = get_task("family")
+    assert len(task.test) > leaderboard.MAX_TEST
+    first = {ex.answer for ex in task.test[:leaderboard.MAX_TEST]}
+    sub = leaderboard.test_subset(task)
+    assert len(sub.test) == leaderboard.MAX_TEST and len({id(ex) for ex in sub.test}) == leaderboard.MAX_TEST
+    assert all(any(ex is t for t in task.test) for ex in sub.test)
+    assert {ex.answer for ex in sub.test} == set(task.choices)  # every class, unlike the first 100 rows
+    assert first != set(task.choices)  # the reason for the subset: the split is ordered by family
+    assert sub.train is task.train
+    small = leaderboard.test_subset(task, n=len(task.test) + 5)
+    assert small is task
