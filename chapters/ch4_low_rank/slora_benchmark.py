@@ -102,7 +102,7 @@ def benchmark(model: GPT, n_adapters: Sequence[int] = (1, 4, 16, 64), n_requests
     drawn with Zipf popularity, served by every strategy on one server; seconds are CPU seconds on a CPU
     (see _clock). Also: how many distinct adapters the requests used, whether every strategy generated
     the same tokens, the pool's load/eviction counts, and the pool occupancy per step of a gathered run."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     out = {"n_adapters": list(n_adapters), "tokens_per_cpu_s": {s: [] for s in strategies},
            "cpu_seconds": {s: [] for s in strategies}, "distinct_adapters_used": [], "outputs_agree": [],
