@@ -9,32 +9,9 @@ import pytest
 import torch
 
 from chapters.ch4_low_rank.lora import LoRALinear
-from chapters.ch4_low_rank.slora import LoRAServer, Request, random_adapter
 from chapters.ch4_low_rank.slora_benchmark import benchmark, main, merge_into_, restore_, run_strategy, zipf_requests
+from tests.ch4_low_rank.slora_setup import make_server, mixed_requests
 from tests.helpers import tiny_gpt
-
-RANKS = {"r1": 1, "r2": 2, "r4": 4, "r8": 8}
-
-
-def make_server(pool_pages=4096, seed=0):
-    model = tiny_gpt(seed)
-    server = LoRAServer(model, pool_pages)
-    for k, (name, r) in enumerate(RANKS.items()):
-        server.register(random_adapter(model, name, r, std=0.3, seed=k))
-    server.register(random_adapter(model, "qkv_only", 3, targets=("attn.c_attn",), std=0.3, seed=9))
-    return model, server
-
-
-def mixed_requests(n=9, seed=0, new=(2, 7)):
-    """Requests cycling through no adapter, every rank, and an adapter on c_attn only."""
-    g = torch.Generator().manual_seed(seed)
-    names = [None, *RANKS, "qkv_only"]
-    reqs = []
-    for i in range(n):
-        plen = int(torch.randint(1, 10, (1,), generator=g))
-        reqs.append(Request(f"q{i}", torch.randint(0, 101, (plen,), generator=g).tolist(), names[i % len(names)],
-                            int(torch.randint(new[0], new[1] + 1, (1,), generator=g))))
-    return reqs
 
 
 def test_merge_into_equals_the_lora_forward_and_restore_is_exact():

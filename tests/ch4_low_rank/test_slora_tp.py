@@ -26,24 +26,12 @@ from chapters.ch4_low_rank.slora_tp import (
     shard_linear,
     shard_lora,
 )
-from minimal.peft import replace_module, unload
+from tests.ch4_low_rank.slora_setup import merged_copy
 from tests.helpers import tiny_config, tiny_gpt
 
 D = 64  # tiny GPT width (4 heads)
 
 
-def merged_copy(model, adapter):
-    """The model with `adapter` merged into its weights (None: the base itself)."""
-    model = copy.deepcopy(model)
-    if adapter is None:
-        return model
-    for layer, (A, B) in adapter.weights.items():
-        lora = LoRALinear(model.get_submodule(layer), r=adapter.rank, alpha=adapter.scale * adapter.rank)
-        with torch.no_grad():
-            lora.A.copy_(A)
-            lora.B.copy_(B)
-        replace_module(model, layer, lora)
-    return unload(model).eval()
 
 
 def layer_setup(n_in=24, n_out=32, ranks=(3, 1, 5), N=19, seed=0):
