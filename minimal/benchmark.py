@@ -62,6 +62,14 @@ def time_alternating(steps: dict, rounds: int, warmup: int = 5) -> dict[str, flo
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def write_results(out: Path, stem: str, result: dict, md: str) -> None:
+    """results/<stem>.json (the numbers) and results/<stem>.md (the table), and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(md, encoding="utf-8")
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -85,15 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "command": "python -m minimal.benchmark",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark_cpu.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     md = ("| model | median step (ms) | tokens/s |\n|---|---|---|\n"
           + "".join(f"| {k} | {result['median_step_ms'][k]:.1f} | {tps[k]:,.0f} |\n" for k in steps)
           + f"\nratio ours / transformers: **{result['ratio_ours_over_transformers']:.2f}x** "
           f"(training step: forward, backward, AdamW; batch {args.batch_size} x {config.block_size} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})\n")
-    (args.out / "benchmark_cpu.md").write_text(md, encoding="utf-8")
-    print(md)
+    write_results(args.out, "benchmark_cpu", result, md)
     return result
 
 

@@ -14,7 +14,6 @@ median step time of each side gives tokens per second. Goal (issue 6): ours no s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import apply_lora
-from minimal.benchmark import hf_model, step_fn, time_alternating
+from minimal.benchmark import hf_model, step_fn, time_alternating, write_results
 from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict
 from minimal.peft import count_trainable
 
@@ -97,15 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "command": "python -m chapters.ch4_low_rank.lora_speed",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_speed_cpu.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     md = ("| LoRA training step | median step (ms) | tokens/s |\n|---|---|---|\n"
           + "".join(f"| {k} | {result['median_step_ms'][k]:.1f} | {tps[k]:,.0f} |\n" for k in steps)
           + f"\nratio ours / peft: **{ratio:.2f}x** (rank {args.rank} on {', '.join(TARGETS)}; "
           f"{result['trainable']:,} trainable parameters; batch {args.batch_size} x {config.block_size} tokens; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}). Goal: ours no slower (>= 1.00x).\n")
-    (args.out / "lora_speed_cpu.md").write_text(md, encoding="utf-8")
-    print(md)
+    write_results(args.out, "lora_speed_cpu", result, md)
     return result
 
 

@@ -22,7 +22,6 @@ Seconds are CPU seconds of this process on a CPU (steady on a shared machine), w
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from chapters.ch4_low_rank.slora import LoRAServer, Request, random_adapter
 from chapters.ch4_low_rank.slora_pool import HostAdapter
+from minimal.benchmark import write_results
 from minimal.gpt import GPT
 
 
@@ -154,8 +154,6 @@ def main(argv: list[str] | None = None) -> dict:
     res = benchmark(load_base("base"), n_adapters=args.adapters, n_requests=args.requests,
                     max_new_tokens=args.new_tokens, seed=args.seed, progress=not args.no_progress)
     res["command"] = "python -m chapters.ch4_low_rank.slora_benchmark"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "slora_cpu.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     strategies = list(res["tokens_per_cpu_s"])
     md = ("| adapters | distinct used | " + " | ".join(f"{s} (tok/CPU s)" for s in strategies)
           + " | gathered / swap | page-ins / evictions | outputs agree |\n|" + "---|" * (len(strategies) + 5) + "\n")
@@ -172,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
            f"(adapters and KV cache), path `{c['path']}`, {c['threads']} thread(s), "
            f"torch {torch.__version__}. merge = merge the request's adapter and serve it alone; swap = one "
            f"merge per adapter group, group served batched; gathered = heterogeneous batches, nothing merged.\n")
-    (args.out / "slora_cpu.md").write_text(md, encoding="utf-8")
-    print(md)
+    write_results(args.out, "slora_cpu", res, md)
     return res
 
 

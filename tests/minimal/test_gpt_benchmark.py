@@ -18,3 +18,13 @@ def test_time_alternating_alternates_drops_warmup_and_takes_medians() -> None:
     median = time_alternating({"a": make("a"), "b": make("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4
     assert median == {"a": 2.0, "b": 30.0}  # the warm-up 100s are not counted
+
+
+def test_write_results_writes_json_and_markdown(tmp_path) -> None:
+    import json
+
+    from minimal.benchmark import write_results
+
+    write_results(tmp_path / "new", "bench", {"ratio": 1.5}, "| a |\n")
+    assert json.loads((tmp_path / "new" / "bench.json").read_text(encoding="utf-8")) == {"ratio": 1.5}
+    assert (tmp_path / "new" / "bench.md").read_text(encoding="utf-8") == "| a |\n"
