@@ -3,13 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/solutions/*.ipynb))
+NB ?= $(NOTEBOOKS)
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install run test unit nbval notebooks lab lint benchmark pretrain clean
+.PHONY: install run test unit nbval notebooks notebooks-robust lab lint benchmark pretrain clean
 
 install: $(STAMP)
 
@@ -35,12 +36,17 @@ nbval: $(STAMP)
 	$(if $(NOTEBOOKS),OMP_NUM_THREADS=1 $(BIN)/python -m pytest --nbval $(NOTEBOOKS) --sanitize-with notebooks/sanitize.cfg -q; \
 	  rc=$$?; test $$rc -eq 0 -o $$rc -eq 5,@echo "no notebooks")
 
-# re-execute every notebook in place (after a code change), on the CPU, as CI will; the inline backend
-# (not the exported Agg) so that the figures are saved in the notebooks
+# re-execute every notebook (or NB="notebooks/X.ipynb ...") in place after a code change, on the CPU, as CI
+# will; the inline backend (not the exported Agg) so that the figures are saved in the notebooks
 notebooks: $(STAMP)
-	for nb in $(NOTEBOOKS); do \
+	for nb in $(NB); do \
 	  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 MPLBACKEND=module://matplotlib_inline.backend_inline $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=600 $$nb || exit 1; done
+
+# before committing a notebook: execute it as another machine would (two threads, other CPU kernels) and
+# validate it with nbval as CI does; prints "robust: K/N notebooks"
+notebooks-robust: $(STAMP)
+	bash .ci/notebooks-robust.sh $(NB)
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install -q jupyterlab==4.6.6

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from chapters.registry import METHODS, Method, get_method
-from minimal.data import Task, get_task, task_batch
+from minimal.data import Task, evaluation_subset, get_task, task_batch
 from minimal.peft import count_trainable
 from minimal.pretrained import load_base, record
 from minimal.train import Hooks, TrainConfig, evaluate_task, train
@@ -50,10 +50,7 @@ def apply_method(method: Method, model: nn.Module, task: Task, steps: int) -> tu
 def test_subset(task: Task, n: int = MAX_TEST) -> Task:
     """The task with at most n test examples, evenly spaced over the test split (the splits are ordered,
     by family for example, so the first n would leave whole classes out)."""
-    test = task.splits["test"]
-    if len(test) <= n:
-        return task
-    return replace(task, splits={**task.splits, "test": [test[i * len(test) // n] for i in range(n)]})
+    return replace(task, splits={**task.splits, "test": evaluation_subset(task.splits["test"], n)})
 
 
 def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base") -> dict:

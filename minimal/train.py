@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from minimal.data import Task, encode_prompt, get_tokenizer
+from minimal.data import Task, encode_prompt, evaluation_subset, get_tokenizer
 from minimal.peft import count_trainable
 from minimal.tokenizer import special_id
 
@@ -244,9 +244,12 @@ def greedy_answers(model: nn.Module, prompts: list[str], block_size: int, max_ne
 
 def evaluate_task(model: nn.Module, task: Task, split: str = "test", max_examples: int | None = None,
                   block_size: int | None = None) -> dict[str, float]:
-    """{'accuracy': ...} for classification (best-scoring choice), {'exact_match': ...} for generation."""
+    """{'accuracy': ...} for classification (best-scoring choice), {'exact_match': ...} for generation.
+
+    With max_examples=n the score rests on n examples evenly spaced over the split (`evaluation_subset`).
+    """
     block_size = block_size or model.config.block_size
-    data = task.splits.get(split, [])[:max_examples]
+    data = evaluation_subset(task.splits.get(split, []), max_examples)
     if not data:
         raise ValueError(f"task {task.name!r} has no {split} examples")
     prompts = [ex.prompt for ex in data]

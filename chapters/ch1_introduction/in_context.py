@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from minimal.data import Example, Task, encode_prompt
+from minimal.data import Example, Task, encode_prompt, evaluation_subset
 from minimal.tokenizer import get_tokenizer
 from minimal.train import evaluate_task, greedy_answers
 
@@ -125,8 +125,8 @@ def sample_demos(pool: Sequence[Example], query: Example, k: int, rng: random.Ra
 
 def kshot_prompts(task: Task, k: int, split: str = "test", demo_split: str = "train",
                   max_examples: int | None = None, block_size: int = 128, seed: int = 0) -> list[KShotPrompt]:
-    """One k-shot prompt per query of `split` (the first max_examples), demonstrations from `demo_split`."""
-    queries = task.splits[split][:max_examples]
+    """One k-shot prompt per query of `split` (max_examples evenly spaced ones), demonstrations from `demo_split`."""
+    queries = evaluation_subset(task.splits[split], max_examples)
     if not queries:
         raise ValueError(f"task {task.name!r} has no {split} examples")
     pool = task.splits[demo_split]
@@ -173,7 +173,7 @@ def evaluate_kshot(model: nn.Module, task: Task, ks: Sequence[int], split: str =
     """Accuracy (or exact match) of the frozen model with k demonstrations, for each k; nothing trains."""
     block = model.config.block_size
     zero = kshot_prompts(task, 0, split, demo_split, max_examples, block, seed)
-    queries = task.splits[split][:max_examples]
+    queries = evaluation_subset(task.splits[split], max_examples)
     results = []
     for k in ks:
         prompts = zero if k == 0 else kshot_prompts(task, k, split, demo_split, max_examples, block, seed)

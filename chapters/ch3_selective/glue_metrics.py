@@ -110,13 +110,13 @@ SUITE = {"sentiment": ["accuracy", "f1", "matthews"], "family": ["accuracy"], "k
 def suite_table(model, tasks: dict[str, list[str]] | None = None, max_examples: int = 100) -> str:
     """Score a model on the classification tasks of the suite with GLUE-style metrics (binary metrics use the
     task's last choice as the positive class: "good" for sentiment)."""
-    from minimal.data import get_task
+    from minimal.data import evaluation_subset, get_task
     from minimal.train import choice_logprobs
 
     results = {}
     for name, metrics in (tasks or SUITE).items():
         task = get_task(name)
-        data = task.test[:max_examples]
+        data = evaluation_subset(task.test, max_examples)
         best = choice_logprobs(model, [ex.prompt for ex in data], task.choices, model.config.block_size).argmax(-1)
         positive = task.choices[-1]
         pred = [int(task.choices[i] == positive) if len(task.choices) == 2 else task.choices[i] for i in best.tolist()]
