@@ -90,3 +90,38 @@ def test_lm_batch_is_seeded():
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 15, dtype=torch.long))  # contiguous windows
     with pytest.raises(ValueError, match="too short"):
         lm_batch(torch.arange(10), 2, 16, torch.Generator())
+
+
+def test_evaluation_subset_is_evenly_spaced_covers_every_class_and_refuses_bad_sizes():
+    from minimal.data import evaluation_subset
+    test = get_task("family").test
+    sub = evaluation_subset(test, 60)
+    assert [test.index(ex) for ex in sub] == [i * len(test) // 60 for i in range(60)]
+    assert {ex.answer for ex in sub} == {ex.answer for ex in test}  # the first 60 hold only some classes
+    assert {ex.answer for ex in test[:60]} != {ex.answer for ex in test}
+    assert evaluation_subset(test, None) == test and evaluation_subset(test, 10**6) == test
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="positive int"):
+            evaluation_subset(test, bad)
+
+
+def test_evaluate_task_scores_the_evenly_spaced_subset():
+    from minimal.data import Example, Task
+    from minimal.train import evaluate_task
+
+    class Fixed(torch.nn.Module):  # always prefers the first choice
+        config = type("C", (), {"block_size": 32})()
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, idx, **kw):
+            logits = torch.zeros(*idx.shape, 2048)
+            logits[..., get_tokenizer().encode_ordinary("a")[0]] = 5.0
+            return type("O", (), {"logits": logits})()
+
+    rows = [Example(f"p{i}", "a" if i % 2 == 0 else "b") for i in range(10)]
+    task = Task("t", "classify", {"test": rows}, ["a", "b"])
+    # evenly spaced 5 of 10 are rows 0, 2, 4, 6, 8: all "a"; the first 5 would score 0.6
+    assert evaluate_task(Fixed(), task, "test", max_examples=5) == {"accuracy": 1.0}
