@@ -1,6 +1,7 @@
 """Checkers for the notebooks' exercises: `check("ch4.lora_merge", merge)` tests a student's function.
 
-Each chapter has a module here (`ch0.py` ... `ch5.py`) that registers its checkers with `@checker(name)`.
+Each chapter has modules here (`ch0.py` ... `ch5.py`, and `ch4_*.py` for a chapter with several notebooks)
+that register their checkers with `@checker(name)`; names are "chN.something".
 A checker receives the student's function, compares it with the library's implementation on random inputs,
 and raises `Mismatch` with what differs and where. `check` runs it and prints one line:
 
@@ -14,6 +15,7 @@ It returns True only on a pass, so a solutions notebook can `assert check(...)`.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +41,9 @@ def _load(name: str) -> Callable[[Any], None]:
     chapter = name.split(".", 1)[0]
     if chapter not in CHAPTERS:
         raise ValueError(f"unknown exercise {name!r}: names start with one of {', '.join(CHAPTERS)}")
-    importlib.import_module(f"chapters.exercises.{chapter}")
+    for module in pkgutil.iter_modules(__path__):
+        if module.name == chapter or module.name.startswith(chapter + "_"):
+            importlib.import_module(f"chapters.exercises.{module.name}")
     if name not in CHECKERS:
         known = sorted(k for k in CHECKERS if k.startswith(chapter + "."))
         raise ValueError(f"unknown exercise {name!r}; {chapter} has: {', '.join(known)}")
