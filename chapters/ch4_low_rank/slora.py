@@ -121,6 +121,7 @@ class SlotWeights:
     Bt: torch.Tensor  # [R, out]
     ranks: list[int]
     scales: torch.Tensor  # [S]
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # the "triton" path's padded stacks
 
     @property
     def offsets(self) -> list[int]:
@@ -171,13 +172,49 @@ def add_lora_segment_(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, w: S
     return y
 
 
+def _build_triton_stacks(w: SlotWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A [S, rmax, in] and B [S, out, rmax] zero-padded to the largest rank (one scatter each), and the
+    ranks [S + 1] on the device (a trailing 0 for slot -1)."""
+    S, rmax, dev = len(w.ranks), max(w.ranks), w.A.device
+    rows = torch.cat([s * rmax + torch.arange(r) for s, r in enumerate(w.ranks)]).to(dev)  # [R] padded row of each
+    A = w.A.new_zeros(S * rmax, w.A.shape[1]).index_copy_(0, rows, w.A).view(S, rmax, -1)
+    Bt = w.Bt.new_zeros(S * rmax, w.Bt.shape[1]).index_copy_(0, rows, w.Bt).view(S, rmax, -1)
+    return A, Bt.transpose(1, 2).contiguous(), torch.tensor(w.ranks + [0], device=dev)
+
+
+_STEP_GROUPS: dict = {}  # the token grouping of the current step: {"slot": tensor, "version": int, pattern: ...}
+
+
+def _step_groups(slot: torch.Tensor, w: SlotWeights, ranks: torch.Tensor):
+    """Adapter index per token (-1: no adapter, or rank 0 in this layer) and the tokens grouped by adapter.
+    Every layer of a step gets the same `slot` tensor, so this is computed once per step and per pattern
+    of adapted slots (adapters may skip some layers), not once per layer."""
+    from chapters.ch4_low_rank.kernels.multi_adapter import group_tokens
+
+    if _STEP_GROUPS.get("slot") is not slot or _STEP_GROUPS.get("version") != slot._version:
+        _STEP_GROUPS.clear()
+        _STEP_GROUPS.update(slot=slot, version=slot._version)
+    pattern = tuple(r > 0 for r in w.ranks)
+    if pattern not in _STEP_GROUPS:
+        idx = torch.where(ranks[slot] > 0, slot, -1)  # [N]
+        _STEP_GROUPS[pattern] = (idx, group_tokens(idx, len(w.ranks)))
+    return _STEP_GROUPS[pattern]
+
+
 def add_lora_triton_(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, w: SlotWeights) -> torch.Tensor:
-    """The Triton shrink/expand kernels (kernels/multi_adapter.py); a CUDA device, or TRITON_INTERPRET=1."""
+    """The Triton shrink/expand kernels (kernels/multi_adapter.py); a CUDA device, or TRITON_INTERPRET=1.
+
+    The padded stacks are built once per SlotWeights (the server keeps one per layer for as long as the
+    batch's adapters stay the same) and the token grouping once per step, so a layer call is the two
+    kernel launches. Treat a SlotWeights as read-only once used here: the stacks are copies."""
     from chapters.ch4_low_rank.kernels.multi_adapter import add_multi_lora_
 
-    A, Bt = _padded(w)  # the kernels take stacks; they skip the zero rows' work only by masking
-    idx = torch.where(torch.tensor(w.ranks + [0], device=x.device)[slot] > 0, slot, -1)  # [N]
-    return add_multi_lora_(y, x.contiguous(), A, Bt.transpose(1, 2).contiguous(), idx, w.scales)
+    hit = w.cache.get("triton")
+    if hit is None or hit[0] is not w.A or hit[1] is not w.Bt:  # built for other tensors: rebuild
+        hit = w.cache["triton"] = (w.A, w.Bt, _build_triton_stacks(w))
+    A, B, ranks = hit[2]  # padded to the largest rank: the kernels multiply the zero rows like the others
+    idx, groups = _step_groups(slot, w, ranks)
+    return add_multi_lora_(y, x.contiguous(), A, B, idx, w.scales, groups=groups)
 
 
 def add_lora_(y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, w: SlotWeights, path: str = "segment"):

@@ -137,6 +137,32 @@ def test_triton_path():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
+def test_triton_path_builds_its_stacks_once_and_groups_tokens_once_per_step(monkeypatch):
+    """A decode step calls the branch for every adapted layer: the padded stacks must come from the
+    SlotWeights' cache and the token sort from the step's cache, not be rebuilt on every call."""
+    pytest.importorskip("triton", reason="triton is not installed (Linux only)")
+    import chapters.ch4_low_rank.kernels.multi_adapter as multi
+    import chapters.ch4_low_rank.slora as slora
+
+    builds, sorts = [], []
+    build, sort = slora._build_triton_stacks, multi.group_tokens
+    monkeypatch.setattr(slora, "_build_triton_stacks", lambda w: builds.append(1) or build(w))
+    monkeypatch.setattr(multi, "group_tokens", lambda idx, n: sorts.append(1) or sort(idx, n))
+    y, x, slot, w, A_list, Bt_list = random_slots([2, 0, 5], N=9, n_in=16, n_out=32, seed=1)
+    w_other = SlotWeights(w.A.clone(), w.Bt.clone(), w.ranks, w.scales)  # a second layer, same adapters
+    w_skip = SlotWeights(w.A[:2].clone(), w.Bt[:2].clone(), [2, 0, 0], w.scales)  # adapter 2 skips this layer
+    ref = pad_bmm_reference(y, x, slot, A_list, Bt_list, w.scales)
+    for _ in range(2):  # two "layers" of one step, twice
+        for weights in (w, w_other):
+            torch.testing.assert_close(add_lora_(y.clone(), x, slot, weights, "triton").double(), ref,
+                                       atol=1e-5, rtol=0)
+    assert len(builds) == 2 and len(sorts) == 1  # one build per SlotWeights, one sort for the step
+    add_lora_(y.clone(), x, slot, w_skip, "triton")
+    assert len(sorts) == 2  # another pattern of adapted slots needs its own grouping
+    add_lora_(y.clone(), x, slot.clone(), w, "triton")  # the next step: a new slot tensor
+    assert len(builds) == 3 and len(sorts) == 3
+
+
 def test_server_on_the_triton_path_equals_each_request_merged():
     pytest.importorskip("triton", reason="triton is not installed (Linux only)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,6 +7,7 @@ Modules, one idea each:
     autograd      LoRA as a torch.autograd.Function with a hand-written backward
     multi_adapter one adapter per token (S-LoRA / Punica style) shrink and expand kernels
     roofline      pure-Python time model that predicts the ratios before anything is measured
+    banks         shared-memory bank conflicts of the CUDA tile copy, counted in Python
     benchmark     `python -m chapters.ch4_low_rank.kernels.benchmark` (needs a CUDA GPU)
     aot           compile the Triton kernels for sm_80 / sm_90 without a GPU (shared memory, tensor cores)
     interpreter   running Triton on a CPU (TRITON_INTERPRET=1) and the rank padding rule

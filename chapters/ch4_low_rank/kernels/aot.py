@@ -10,7 +10,9 @@ architecture, no GPU needed, and reports how much shared memory one program need
 compiled with the tile configs the wrappers use on a GPU, for bfloat16, with the rank padded to 16 and 64,
 and with the specialisations a launch at K = N = 4096 would get (pointers and sizes divisible by 16,
 unit strides folded to constants); the output also says which tensor-core instruction the PTX uses
-(`wgmma` on sm_90, `mma` on sm_80). One case compiles the K-loop kernel with an *unpadded* rank 8 and is
+(`wgmma` on sm_90, `mma` on sm_80) and, when Triton's bundled `cuobjdump` is there, how many registers
+each thread needs (read from the cubin): with the shared memory, that decides how many programs fit on
+one SM (roofline.ctas_per_sm). One case compiles the K-loop kernel with an *unpadded* rank 8 and is
 expected to fail: that is why the rank is padded.
 
 TRITON_INTERPRET=0 is needed on a machine without a GPU, where importing this package would otherwise
@@ -22,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -60,6 +66,20 @@ def signature(kernel, dtype: str, constexprs: dict, float_args=("scale",), fp32_
     return sig, consts, attrs
 
 
+def cubin_registers(cubin: bytes) -> int | None:
+    """Registers per thread of the (single) kernel in a cubin, from `cuobjdump --dump-resource-usage`;
+    None when Triton's bundled cuobjdump is missing or says nothing."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+)", out.stdout)
+    return int(found.group(1)) if found else None
+
+
 def compile_case(
     name: str, kernel, constexprs: dict, arch: int, num_warps: int, num_stages: int, dtype: str = "bf16"
 ) -> dict:
@@ -91,6 +111,7 @@ def compile_case(
             fits=compiled.metadata.shared <= SHARED_LIMIT[arch],
             wgmma="wgmma" in ptx,
             mma="mma.sync" in ptx,
+            regs=cubin_registers(compiled.asm["cubin"]),
         )
     record["seconds"] = round(time.perf_counter() - t0, 2)
     return record

@@ -8,7 +8,10 @@
 What it does, in order:
 1. checks every variant against the float32 reference in bfloat16 (a fast wrong kernel is worthless);
 2. times each with `triton.testing.do_bench` (median of many runs, L2 cache flushed before each), and for
-   small M also with `do_bench_cudagraph` (one CUDA graph replays many calls, so launch gaps vanish);
+   small M also with `do_bench_cudagraph` (one CUDA graph replays many calls, so launch gaps vanish).
+   The graph timing does NOT flush L2: a 4096 x 4096 bf16 weight (32 MiB) stays in a 50 MB L2 between
+   replays, so those numbers are L2-warm. They are reported in their own columns ("graph", keys
+   `us_graph_warm`, `ratio_engine_graph_warm`) and compared only with each other, never with the flushed ones;
 3. prints microseconds, TFLOP/s (useful LoRA FLOPs), the time over the *same-engine* base GEMM (torch
    variants over torch.mm, Triton over the Triton base GEMM, CUDA over the CUDA base GEMM) and over
    torch.mm, with the roofline prediction (roofline.py) beside each ratio;
@@ -66,7 +69,7 @@ def get_variants(with_cuda_ext: bool) -> dict[str, tuple[LoRAFn, str, str]]:
         from . import cuda_lora
 
         variants["cuda_base"] = (cuda_lora.cuda_base, "cuda", "base")
-        variants["cuda_naive"] = (cuda_lora.cuda_naive, "cuda", "naive_addmm")
+        variants["cuda_naive"] = (cuda_lora.cuda_naive, "cuda", "naive_addmm_splitk")
         variants["cuda_fused"] = (cuda_lora.cuda_fused, "cuda", "kloop_fused")
     return variants
 
@@ -74,15 +77,46 @@ def get_variants(with_cuda_ext: bool) -> dict[str, tuple[LoRAFn, str, str]]:
 def predicted_ratio(
     name: str, engine: str, model: str, M: int, K: int, N: int, r: int, gpu: roofline.GPUSpec
 ) -> float:
-    """Roofline prediction of time / same-engine base time for one variant."""
-    if engine == "cuda":  # CUDA-core kernels: float32 FMA peak, 64-wide column tiles
-        return roofline.roofline_ratios(M, K, N, r, gpu, tflops=gpu.simt_tflops, block_n=64)[model]
-    block_n = 128
-    if engine == "triton":
-        from .triton_lora import gpu_tiles
+    """Roofline prediction of time / same-engine base time for one variant, for the kernels as written:
+    the engine's tiles (A re-read per tile by the K-loop kernel), its split-K shrink (memset) and the
+    CTAs per SM of its GEMM kernels (roofline.TRITON_SM90 / CUDA_SM90, read from the compilers)."""
+    from .interpreter import padded_rank
 
-        block_n = gpu_tiles(M).BN
-    return roofline.roofline_ratios(M, K, N, r, gpu, block_n=block_n)[model]
+    R = padded_rank(r)
+    if engine == "cuda":  # CUDA-core kernels: their FMA ceiling, 64 x 64 tiles
+        from .cuda_lora import TILE, shrink_splits
+
+        occ = {mode: roofline.ctas_per_sm(*roofline.CUDA_SM90[(mode, rank)], gpu)
+               for mode, rank in (("base", 16), ("kloop", R)) if (mode, rank) in roofline.CUDA_SM90}  # fmt: skip
+        return roofline.roofline_ratios(M, K, N, r, gpu, tflops=gpu.simt_tflops, block_n=TILE, block_m=TILE,
+                                        split_k=shrink_splits(M, K)[0], ctas=occ)[model]  # fmt: skip
+    if engine == "triton":
+        from .triton_lora import gpu_tiles, shrink_split_k
+
+        tiles = gpu_tiles(M)
+        occ = {mode: roofline.ctas_per_sm(*roofline.TRITON_SM90[(mode, tiles.BM, rank)], gpu)
+               for mode, rank in (("base", 16), ("split", R), ("kloop", R))
+               if (mode, tiles.BM, rank) in roofline.TRITON_SM90}  # fmt: skip
+        return roofline.roofline_ratios(M, K, N, r, gpu, block_n=tiles.BN, block_m=tiles.BM,
+                                        split_k=shrink_split_k(M, K, gpu.sms), ctas=occ)[model]  # fmt: skip
+    return roofline.roofline_ratios(M, K, N, r, gpu, block_n=128)[model]
+
+
+ENGINE_VARIANTS = [  # (name, engine, roofline model) of every LoRA variant, base GEMMs left out
+    ("naive", "torch", "naive"), ("naive_addmm", "torch", "naive_addmm"), ("merged", "torch", "merged"),
+    ("triton_split_fused", "triton", "split_fused"), ("triton_kloop_fused", "triton", "kloop_fused"),
+    ("cuda_naive", "cuda", "naive_addmm_splitk"), ("cuda_fused", "cuda", "kloop_fused"),
+]  # fmt: skip
+
+
+def format_engine_predictions(shapes: list[tuple[int, int, int, int]], gpu: roofline.GPUSpec) -> str:
+    """The predictions for the kernels as written (`predicted_ratio`), one column per shape."""
+    head = f"{'variant':<19}" + "".join(f"{f'M={M} r={r}':>14}" for M, _, _, r in shapes)
+    lines = [f"predicted time / same-engine base GEMM for the kernels as written, {gpu.name}", head]
+    for name, engine, model in ENGINE_VARIANTS:
+        cells = "".join(f"{predicted_ratio(name, engine, model, *shape, gpu):>14.3f}" for shape in shapes)
+        lines.append(f"{name:<19}{cells}")
+    return "\n".join(lines)
 
 
 def make_inputs(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -126,7 +160,7 @@ def time_variant(fn: LoRAFn, args: tuple, graph: bool, warmup: int, rep: int) ->
     out = {"us": p50 * 1e3, "us_p20": p20 * 1e3, "us_p80": p80 * 1e3}
     if graph:
         try:
-            out["us_graph"] = do_bench_cudagraph(call, rep=rep, return_mode="median") * 1e3
+            out["us_graph_warm"] = do_bench_cudagraph(call, rep=rep, return_mode="median") * 1e3  # no L2 flush
         except Exception as e:  # some variants may not be capturable; say so and go on
             print(f"  cuda graph failed: {type(e).__name__}: {e}", file=sys.stderr)
     return out
@@ -166,8 +200,8 @@ def run_gpu(
                 base = times.get(ENGINE_BASE[engine])
                 row["ratio_engine"] = t["us"] / base["us"] if base else None
                 row["ratio_torch_mm"] = t["us"] / times["torch_mm"]["us"] if "torch_mm" in times else None
-                if "us_graph" in t and base and "us_graph" in base:
-                    row["ratio_engine_graph"] = t["us_graph"] / base["us_graph"]
+                if "us_graph_warm" in t and base and "us_graph_warm" in base:
+                    row["ratio_engine_graph_warm"] = t["us_graph_warm"] / base["us_graph_warm"]
             rows.append(row)
         print(format_table([row for row in rows if (row["M"], row["r"]) == (M, r)]), flush=True)
     return rows
@@ -179,18 +213,21 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per variant: time, TFLOP/s, ratio to the same-engine base and to torch.mm, prediction."""
+    """One line per variant: time, TFLOP/s, ratio to the same-engine base and to torch.mm, prediction.
+    The two "graph" columns are CUDA-graph replays without an L2 flush (L2-warm): compare them only
+    with each other."""
     head = (
-        f"{'M':>5} {'r':>3} {'variant':<19} {'ok':>3} {'us':>9} {'us graph':>9} {'TFLOP/s':>8} "
+        f"{'M':>5} {'r':>3} {'variant':<19} {'ok':>3} {'us':>9} {'graph us':>9} {'TFLOP/s':>8} "
         f"{'x engine':>8} {'x graph':>8} {'x mm':>7} {'predicted':>9}"
     )
-    lines = [head, "-" * len(head)]
+    note = "us, x engine, x mm: L2 flushed before each call; graph us, x graph: CUDA graph, L2-warm (not comparable)"
+    lines = [note, head, "-" * len(head)]
     for row in rows:
         lines.append(
             f"{row['M']:>5} {row['r']:>3} {row['variant']:<19} {'yes' if row['correct'] else 'NO':>3} "
-            f"{_fmt(row.get('us'), '9.1f')} {_fmt(row.get('us_graph'), '9.1f')} "
+            f"{_fmt(row.get('us'), '9.1f')} {_fmt(row.get('us_graph_warm'), '9.1f')} "
             f"{_fmt(row.get('tflops'), '8.1f')} "
-            f"{_fmt(row.get('ratio_engine'), '8.3f')} {_fmt(row.get('ratio_engine_graph'), '8.3f')} "
+            f"{_fmt(row.get('ratio_engine'), '8.3f')} {_fmt(row.get('ratio_engine_graph_warm'), '8.3f')} "
             f"{_fmt(row.get('ratio_torch_mm'), '7.3f')} {row['predicted_ratio']:>9.3f}"
         )
     return "\n".join(lines)
@@ -294,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             "No CUDA GPU found: nothing to time, and no results were written. Run this on a machine with an"
         )
         print("NVIDIA GPU, a CUDA build of torch and triton. The roofline predictions for the full run:\n")
-        print(
-            roofline.format_predictions([(M, 4096, 4096, r) for r in (16, 64) for M in (16, 256, 4096)], gpu)
-        )
+        full = [(M, 4096, 4096, r) for r in (16, 64) for M in (16, 256, 4096)]
+        print(roofline.format_predictions(full, gpu))
+        print()
+        print(format_engine_predictions(full, gpu))
         if args.quick:
             print("\n--quick on CPU: checking the CPU-capable variants (Triton in its interpreter), float32:")
             if not cpu_smoke():
@@ -320,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "s": SCALE,
         "quick": args.quick,
-        "timing": f"triton.testing.do_bench median, warmup={warmup} ms, rep={rep} ms, L2 flushed",
+        "timing": f"triton.testing.do_bench median, warmup={warmup} ms, rep={rep} ms, L2 flushed; "
+        "us_graph_warm: do_bench_cudagraph median, L2 NOT flushed (warm)",
         "roofline": gpu.__dict__,
     }
     print(

@@ -67,6 +67,17 @@ torch::Tensor lora_forward(int64_t variant, torch::Tensor x, torch::Tensor W, to
 """
 
 BASE, NAIVE, FUSED = 0, 1, 2  # variant codes of lora_cuda.cu
+TILE, BK = 64, 16  # lora_cuda.cu: BM = BN = 64, BK = 16
+SHRINK_TARGET_BLOCKS, SHRINK_MIN_STEPS = 264, 4  # as in lora_cuda.cu
+
+
+def shrink_splits(M: int, K: int) -> tuple[int, int]:
+    """(slices of K, their width) of the naive shrink, as lora_cuda.cu's shrink_splits computes them: enough
+    blocks to fill the GPU (~264) when M is small, at least 4 steps of 16 per block."""
+    m_blocks, k_steps = -(-M // TILE), -(-K // BK)
+    splits = max(1, min(-(-SHRINK_TARGET_BLOCKS // m_blocks), -(-k_steps // SHRINK_MIN_STEPS)))
+    steps = -(-k_steps // splits)
+    return -(-k_steps // steps), steps * BK
 _module: ModuleType | None = None
 
 
@@ -125,7 +136,8 @@ def cuda_base(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
 
 
 def cuda_naive(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
-    """Three launches: tiled GEMM, shrink into a float32 [M, r] buffer, expand-and-add into y."""
+    """Three kernels: tiled GEMM, shrink into a float32 [M, r] buffer (split over K, after a memset, when
+    M is small), expand-and-add into y."""
     return _run(NAIVE, x, W, A, B, s)
 
 

@@ -252,8 +252,10 @@ def add_multi_lora_(
     adapter_idx: Tensor,
     scales: Tensor | float,
     config: MultiConfig | None = None,
+    groups: TokenGroups | None = None,
 ) -> Tensor:
-    """y += per-token LoRA (y is the base output x W^T). Two launches after one token sort. Returns y."""
-    groups = group_tokens(adapter_idx, A_stack.shape[0])
+    """y += per-token LoRA (y is the base output x W^T). Two launches after one token sort. Returns y.
+    Pass `groups` (from `group_tokens(adapter_idx, L)`) to reuse one sort across layers of a step."""
+    groups = group_tokens(adapter_idx, A_stack.shape[0]) if groups is None else groups
     t = multi_lora_shrink(x, A_stack, adapter_idx, groups, config)  # [T, r] float32
     return multi_lora_expand_(y, t, B_stack, adapter_idx, scales, groups, config)

@@ -39,6 +39,14 @@ def lora_reference(
     return x32 @ W32.T + s * (t @ B32.T)  # [M, N]
 
 
+def lora_epilogue(acc: Tensor, t: Tensor, B: Tensor, s: float) -> Tensor:
+    """The step both fused kernels share, on one tile: acc + s t B^T, with acc [BM, BN] a float32
+    accumulator, t = x A^T [BM, r] in float32 and B [BN, r]. As on tensor cores, s * t is rounded to
+    B's dtype before the product and the product is accumulated in float32. Split fusion runs it before
+    its K loop (acc = 0), the K-loop kernel after it (acc = x W^T). Returns a new float32 tile."""
+    return acc.float() + (t.float() * s).to(B.dtype).float() @ B.float().T  # [BM, BN]
+
+
 def lora_naive(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
     """Eager LoRA, one operation per term: five launches and two extra [M, N] tensors."""
     base = x @ W.T  # [M, N]   launch 1: base GEMM

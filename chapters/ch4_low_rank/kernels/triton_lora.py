@@ -86,14 +86,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def shrink_split_k(M: int, K: int, n_sm: int) -> int:
+    """Programs along K of the GPU shrink: about one program per SM in all, at most one per BK = 128 of K."""
+    return max(1, min(n_sm // triton.cdiv(M, 16 if M <= 64 else 64), triton.cdiv(K, 128)))
+
+
 def default_shrink(M: int, K: int, device: torch.device) -> ShrinkConfig:
-    """Split K so that about one program per SM is busy even when M is small (the shrink is memory-bound)."""
+    """Split K so that about one program per SM is busy even when M is small (the shrink is memory-bound).
+    With SPLIT_K > 1 the programs add into t, which must be zeroed first: one more launch (a memset)."""
     if INTERPRET:
         return INTERPRETER_SHRINK
-    BM = 16 if M <= 64 else 64
     n_sm = _sm_count(device.index or 0) if device.type == "cuda" else 1
-    split_k = max(1, min(n_sm // triton.cdiv(M, BM), triton.cdiv(K, 128)))
-    return ShrinkConfig(BM=BM, BK=128, SPLIT_K=split_k)
+    return ShrinkConfig(BM=16 if M <= 64 else 64, BK=128, SPLIT_K=shrink_split_k(M, K, n_sm))
 
 
 @triton.jit
@@ -107,7 +111,7 @@ def lora_shrink_kernel(
     """t[M, r] (+)= x[M, K] A[r, K]^T. Program (pid_m, pid_k) sums the K blocks pid_k, pid_k + SPLIT_K, ..."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # [BM] int64: offs_m * stride_xm may pass 2^31
     offs_r = tl.arange(0, R)  # [R]
     offs_k = tl.arange(0, BK)  # [BK]
     m_mask = offs_m < M
@@ -162,8 +166,10 @@ def lora_matmul_kernel(
     pid_m = first_pid_m + (pid % pids_per_group) % group_rows
     pid_n = (pid % pids_per_group) // group_rows
 
-    offs_m = pid_m * BM + tl.arange(0, BM)  # [BM]
-    offs_n = pid_n * BN + tl.arange(0, BN)  # [BN]
+    # int64 row and column indices: with M * K, N * K or M * N above 2^31 elements, int32 offsets
+    # (index * stride) would wrap around and address the wrong memory.
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # [BM]
+    offs_n = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)  # [BN]
     offs_k = tl.arange(0, BK)  # [BK]
     offs_r = tl.arange(0, R)  # [R]
     m_mask = offs_m < M

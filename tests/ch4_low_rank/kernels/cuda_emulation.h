@@ -5,7 +5,7 @@
 // (the CUDA headers supply dim3, __half and __nv_bfloat16 with host-side conversions).
 //
 // A launch runs the blocks one after another; inside a block, each CUDA thread is one std::thread and
-// __syncthreads() is a std::barrier over all of them. `__shared__` becomes `static`, so all threads of
+// __syncthreads() is a std::barrier over all of them; atomicAdd is a std::atomic_ref add. `__shared__` becomes `static`, so all threads of
 // the (single, current) block see the same array. This checks indexing, masking, tiling and barrier
 // placement. It cannot check warp-level behaviour, memory coalescing or speed.
 #pragma once
@@ -13,7 +13,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <barrier>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -26,6 +28,7 @@
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
+inline dim3 gridDim;
 inline thread_local int emu_syncs = 0;          // __syncthreads() calls made by this thread
 inline std::barrier<>* emu_block_barrier = nullptr;
 inline cudaError_t emu_error = cudaSuccess;
@@ -33,6 +36,10 @@ inline cudaError_t emu_error = cudaSuccess;
 inline void __syncthreads() {
     ++emu_syncs;
     emu_block_barrier->arrive_and_wait();
+}
+
+inline float atomicAdd(float* address, float value) {
+    return std::atomic_ref<float>(*address).fetch_add(value);
 }
 
 inline cudaError_t cudaGetLastError() {
@@ -47,6 +54,7 @@ inline const char* cudaGetErrorString(cudaError_t) {
 template <typename... Params, typename... Args>
 void emu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
     const unsigned n = block.x * block.y * block.z;
+    gridDim = grid;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -73,3 +81,4 @@ void emu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) 
 }
 
 #define LORA_LAUNCH(kernel, grid, block, stream, ...) emu_launch(kernel, grid, block, __VA_ARGS__)
+#define LORA_MEMSET_ASYNC(ptr, bytes, stream) std::memset(ptr, 0, bytes)

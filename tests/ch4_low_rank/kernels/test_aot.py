@@ -51,3 +51,22 @@ def test_unpadded_rank_is_rejected(records):
     (rec,) = [rec for rec in records if rec.get("expect_failure")]
     assert not rec["ok"]
     assert "K >= 16" in rec["error"], rec["error"][:500]
+
+
+def test_occupancy_table_matches_the_compiler(records):
+    """roofline.TRITON_SM90 (registers, shared memory) must give the occupancy this compiler gives: the
+    K-loop kernel at rank 64 with 128 x 128 tiles fits one program per SM, the base GEMM two."""
+    from chapters.ch4_low_rank.kernels.roofline import TRITON_SM90, ctas_per_sm
+
+    checked = 0
+    for rec in records:
+        mode = rec["case"].split("_")[1] if rec["case"].startswith("matmul_") else None
+        key = (mode, rec.get("BM"), rec.get("R"))
+        if not rec.get("ok") or rec["arch"] != 90 or key not in TRITON_SM90 or rec.get("regs") is None:
+            continue
+        table = ctas_per_sm(*TRITON_SM90[key])
+        assert ctas_per_sm(rec["regs"], rec["shared"], rec["num_warps"]) == table, (key, rec["regs"], rec["shared"])
+        checked += 1
+    if checked == 0:
+        pytest.skip("Triton's cuobjdump is not available: no register counts")
+    assert ctas_per_sm(*TRITON_SM90[("kloop", 128, 64)]) == 1 and ctas_per_sm(*TRITON_SM90[("base", 128, 16)]) == 2

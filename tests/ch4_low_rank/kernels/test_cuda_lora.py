@@ -4,7 +4,9 @@
    (This and the g++ build below run in the background, started by conftest.py.)
 2. The same .cu, compiled as C++ with tests' cuda_emulation.h (one std::thread per CUDA thread, a
    barrier for __syncthreads), runs every kernel on the CPU against the float32 reference: this checks
-   the index arithmetic, tiling, masking and barrier placement of the real source file.
+   the index arithmetic, tiling, masking, 16-byte loads, the split-K shrink and barrier placement of the
+   real source file. The same build exposes the tile copy's shared-memory layout, whose bank conflicts
+   are counted (banks.py) and must be none.
 3. On a machine without CUDA, `build()` explains what is missing; on a GPU the extension is built with
    load_inline and compared in bfloat16.
 """
@@ -15,7 +17,7 @@ import re
 import pytest
 import torch
 
-from chapters.ch4_low_rank.kernels import cuda_lora
+from chapters.ch4_low_rank.kernels import banks, cuda_lora
 from chapters.ch4_low_rank.kernels.reference import lora_reference
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -49,13 +51,18 @@ def test_nvcc_compiles_without_spills(ptxas_log, arch):
 
 
 @pytest.fixture(scope="module")
-def emulated(background):
+def emulated_lib(background):
     job = background("emulation")
     returncode, output = job.result()
     if returncode != 0 and "barrier" in output and ("No such file" in output or "not a member" in output):
         pytest.skip("the C++ compiler lacks C++20 <barrier> (g++ >= 11 needed for the emulation)")
     assert returncode == 0, output[-3000:]
-    fn = ctypes.CDLL(str(job.workdir / "lora_cuda_emulated.so")).lora_cuda_forward
+    return ctypes.CDLL(str(job.workdir / "lora_cuda_emulated.so"))
+
+
+@pytest.fixture(scope="module")
+def emulated(emulated_lib):
+    fn = emulated_lib.lora_cuda_forward
     fn.restype = ctypes.c_char_p
     fn.argtypes = (
         [ctypes.c_int, ctypes.c_int]
@@ -68,7 +75,7 @@ def emulated(background):
         M, K = x.shape
         N, r = B.shape
         y = torch.full((M, N), float("nan"), dtype=x.dtype)  # NaN: any element the kernel misses shows up
-        t = torch.empty(M, r)
+        t = torch.full((M, r), float("nan"))  # garbage: the split-K shrink must zero it itself
         code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
         err = fn(
             variant,
@@ -101,20 +108,27 @@ def make(M, K, N, r, dtype, seed=0):
     return [t.to(dtype) for t in (x, W, A, B)]
 
 
-# ragged: 2 x 2 blocks of 64 x 64, K not a multiple of 16; ranks cover the 16 / 32 / 64 instances
+# ragged: 2 x 2 blocks of 64 x 64; ranks cover the 16 / 32 / 64 instances. K = 37 is read element by
+# element (not a multiple of the 16-byte chunk), K = 48 with 16-byte loads, K = 200 also splits the
+# naive shrink into 4 slices of K (the last one ragged).
 CASES = [
-    (0, 16, torch.float32),
-    (2, 4, torch.float32),
-    (2, 33, torch.float16),
-    (2, 64, torch.bfloat16),
-    (1, 16, torch.float32),
-    (1, 64, torch.float16),
+    (0, 16, torch.float32, 37),
+    (2, 4, torch.float32, 37),
+    (2, 33, torch.float16, 37),
+    (2, 64, torch.bfloat16, 37),
+    (1, 16, torch.float32, 37),
+    (1, 64, torch.float16, 37),
+    (0, 16, torch.bfloat16, 48),
+    (2, 16, torch.float16, 48),
+    (2, 64, torch.float32, 48),
+    (1, 8, torch.bfloat16, 200),
+    (1, 64, torch.float32, 200),
 ]
 
 
-@pytest.mark.parametrize("variant,r,dtype", CASES)
-def test_emulated_kernels_match_reference(emulated, variant, r, dtype, assert_rel_close):
-    M, K, N = 70, 37, 75
+@pytest.mark.parametrize("variant,r,dtype,K", CASES)
+def test_emulated_kernels_match_reference(emulated, variant, r, dtype, K, assert_rel_close):
+    M, N = 70, 75
     x, W, A, B = make(M, K, N, r, dtype)
     y = emulated(variant, x, W, A, B, 0.7)
     assert not y.isnan().any(), "some outputs were never written"
@@ -122,6 +136,51 @@ def test_emulated_kernels_match_reference(emulated, variant, r, dtype, assert_re
     if variant != cuda_lora.BASE:
         assert (ref - x.float() @ W.float().T).abs().max() > 0.2 * ref.abs().max()
     assert_rel_close(y, ref, dtype, f"variant {variant} r={r}")
+
+
+def test_misaligned_pointer_falls_back_to_element_loads(emulated, assert_rel_close):
+    """A view that starts 2 bytes into its storage cannot use 16-byte loads; the result must not change."""
+    x, W, A, B = make(70, 49, 75, 16, torch.float16)
+    x_view = x[:, 1:]  # [70, 48], contiguous rows but a start offset of one element
+    x_odd = torch.empty(70 * 48 + 1, dtype=torch.float16)[1:].view(70, 48)
+    x_odd.copy_(x_view)
+    assert x_odd.data_ptr() % 16 != 0
+    W, A = W[:, 1:].contiguous(), A[:, 1:].contiguous()
+    y = emulated(cuda_lora.FUSED, x_odd, W, A, B, 0.7)
+    assert_rel_close(y, lora_reference(x_odd, W, A, B, 0.7), torch.float16, "misaligned x")
+
+
+def test_shrink_split_plan(emulated_lib):
+    """Decode (M = 16, K = 4096): 64 slices of 64 columns instead of one block walking all of K."""
+    fn = emulated_lib.lora_cuda_shrink_splits
+    width = ctypes.c_int()
+    assert fn(16, 4096, ctypes.byref(width)) == 64 and width.value == 64
+    assert fn(4096, 4096, ctypes.byref(width)) == 5 and width.value == 832  # 64 row blocks already
+    assert fn(70, 37, ctypes.byref(width)) == 1  # a short K is not split
+    assert fn(70, 200, ctypes.byref(width)) == 4 and width.value == 64
+    for M in (1, 16, 64, 65, 300, 4096):  # the Python mirror (used by the roofline) agrees with the .cu
+        for K in (16, 37, 200, 4096, 5000):
+            assert (fn(M, K, ctypes.byref(width)), width.value) == cuda_lora.shrink_splits(M, K), (M, K)
+
+
+@pytest.mark.parametrize("rows", [16, 32, 64])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_tile_copy_has_no_bank_conflicts(emulated_lib, rows, elem_bytes):
+    """The .cu's own store layout (not a copy of it) spreads every warp's stores over the 32 banks."""
+    words = (ctypes.c_int * (banks.THREADS * 8))()
+    vec = emulated_lib.lora_cuda_tile_store_words(elem_bytes, rows, words)
+    assert vec == 16 // elem_bytes
+    per_thread = [list(words[t * vec:(t + 1) * vec]) for t in range(banks.THREADS)]
+    assert per_thread == banks.padded_store_words(rows, elem_bytes), "banks.py no longer mirrors the .cu"
+    stored = sorted(w for t in per_thread for w in t if w >= 0)
+    assert len(stored) == len(set(stored)) == rows * banks.BK  # every element of the tile, once
+    assert banks.worst_ways(per_thread) == 1
+
+
+def test_the_first_layout_had_the_conflicts_the_issue_describes():
+    assert banks.worst_ways(banks.unpadded_store_words(64)) == 16  # x and W tiles
+    assert banks.worst_ways(banks.unpadded_store_words(16)) == 8  # the R = 16 A tile
+    assert banks.conflict_ways([0, 32, 64, 0, -1]) == 3 and banks.conflict_ways([-1]) == 0
 
 
 def test_emulated_rejects_bad_rank(emulated):

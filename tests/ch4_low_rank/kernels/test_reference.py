@@ -95,3 +95,14 @@ def test_output_dtype_follows_input():
     for fn in (lora_naive, lora_naive_addmm, lora_merged):
         assert fn(x, W, A, B, 0.5).dtype == torch.float16
     assert reference.lora_naive_addmm(x, W, A, B, 0.5).shape == (13, 20)
+
+
+def test_lora_epilogue_completes_the_base_product():
+    x, W, A, B = make()
+    acc = x @ W.T
+    y = reference.lora_epilogue(acc, x @ A.T, B, 0.5)
+    torch.testing.assert_close(y, lora_reference(x, W, A, B, 0.5).float())
+    # in 16-bit, s t is rounded before the product, as the kernels do (round_shrink in the reference)
+    x16, W16, A16, B16 = (t.half() for t in (x, W, A, B))
+    y16 = reference.lora_epilogue(x16.float() @ W16.float().T, x16.float() @ A16.float().T, B16, 1.0)
+    torch.testing.assert_close(y16, lora_reference(x16, W16, A16, B16, 1.0, round_shrink=True))

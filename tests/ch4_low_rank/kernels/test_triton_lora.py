@@ -130,3 +130,43 @@ def test_gpu_bf16_default_tiles(M_gpu, variant, assert_rel_close):
     fn = {"base": triton_base, **FUSED}[variant]
     ref = (x.float() @ W.float().T) if variant == "base" else lora_reference(x, W, A, B, 0.5)
     assert_rel_close(fn(x, W, A, B, 0.5), ref, torch.bfloat16, variant)
+
+
+# The tiles the wrappers pick on a GPU (gpu_tiles), run numerically in the interpreter at the smallest
+# shapes that still give several tiles per direction, ragged edges, and (64 x 64 tiles, GROUP_M = 8) more
+# tile-rows than one group: a full group then a partial one. About 10 s on two idle cores.
+GPU_TILE_CASES = [
+    (16, (37, 300, 70), "split"),  # decode tiles 16 x 32 x 128, GROUP_M = 1; K > BK
+    (16, (37, 300, 70), "kloop"),
+    (256, (540, 70, 130), "split"),  # 64 x 64 x 64, GROUP_M = 8: 9 tile-rows
+    (256, (540, 70, 130), "kloop"),
+    (4096, (300, 70, 140), "split"),  # 128 x 128 x 64, GROUP_M = 8: one partial group of 3 tile-rows
+    (4096, (300, 70, 140), "kloop"),
+]
+
+
+@pytest.mark.parametrize("tokens,shape,variant", GPU_TILE_CASES)
+def test_gpu_tile_configurations_in_the_interpreter(tokens, shape, variant, device, assert_rel_close):
+    cfg = triton_lora.gpu_tiles(tokens)
+    m, k, n = shape
+    assert triton_lora.triton.cdiv(m, cfg.BM) > 1 and triton_lora.triton.cdiv(n, cfg.BN) > 1
+    x, W, A, B = make(m, k, n, 16, torch.float16, device)
+    kwargs = {}
+    if variant == "split":  # the GPU shrink tiles, with K split over 3 programs
+        kwargs["shrink_config"] = ShrinkConfig(BM=16 if tokens <= 64 else 64, BK=128, SPLIT_K=3)
+    y = FUSED[variant](x, W, A, B, 0.7, config=cfg, **kwargs)
+    assert_rel_close(y.cpu(), lora_reference(x, W, A, B, 0.7).cpu(), torch.float16, f"{variant} {cfg}")
+
+
+def test_offsets_beyond_2_to_the_31(device):
+    """Row 2 of x starts at element 2^31: int32 offsets (row * stride) would wrap around. Only a few pages
+    of the 4 GiB allocation are ever touched, so this costs no real memory."""
+    if device != "cpu":
+        pytest.skip("the CPU version is enough; on a GPU this would really allocate 4 GiB")
+    rows, k, n = 3, 64, 40
+    storage = torch.empty(2 * 2**30 + k, dtype=torch.float16)  # virtual memory: untouched pages are free
+    x = storage.as_strided((rows, k), (2**30, 1))  # [3, 64], stride 2^30 fits int32, 2 * 2^30 does not
+    x_small, W, A, B = make(rows, k, n, 8, torch.float16, device)
+    x.copy_(x_small)
+    y = triton_kloop_fused(x, W, A, B, 0.7, config=INTERPRETER_TILES)
+    torch.testing.assert_close(y.float(), lora_reference(x_small, W, A, B, 0.7), rtol=2e-3, atol=2e-3)
