@@ -1,6 +1,11 @@
 # Two commands on a fresh machine:  make run   (the leaderboard)   and   make test   (tests + notebooks)
+# Variables (README "Install"): PY builds the venv; VENV="$CONDA_PREFIX" (or any existing environment) uses that
+# environment instead of creating .venv; TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU
+# wheel of torch first (on Linux the default PyPI wheel is the multi-GB CUDA build); ARGS goes to `make pretrain`.
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
+TORCH_INDEX ?=
+ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/solutions/*.ipynb))
@@ -16,6 +21,7 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --disable-pip-version-check -q torch==2.13.0 --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -61,8 +67,10 @@ benchmark: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m chapters.ch4_low_rank.lora_speed
 	OMP_NUM_THREADS=1 $(BIN)/python -m chapters.ch4_low_rank.slora_benchmark
 
+# rebuild the base models into runs/pretrain/ (never data/ by default); ARGS="--model small --steps 100",
+# ARGS="--tokenizer" (new tokenizer, then both models), ARGS="--tokenizer --out data --force" replaces the shipped files
 pretrain: $(STAMP)
-	$(BIN)/python -m minimal.pretrain
+	$(BIN)/python -m minimal.pretrain $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf .venv .pytest_cache .ruff_cache *.egg-info

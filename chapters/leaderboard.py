@@ -1,7 +1,7 @@
 """The main job: every registered method fine-tunes the same shipped base on the same tasks.
 
     python -m chapters.leaderboard                      # all methods, default tasks -> results/
-    python -m chapters.leaderboard --methods full lora  # a subset
+    python -m chapters.leaderboard --methods full lora  # a subset -> runs/leaderboard/
     python -m chapters.leaderboard --steps 50 --out /tmp/lb   # a quick look
     python -m chapters.leaderboard --methods lora --applications # one method, then chapter 5's recipes
 
@@ -11,6 +11,8 @@ task's test split. Writes results/leaderboard.md (method, trainable parameters a
 per task, seconds per step, peak memory), results/leaderboard.json, and results/leaderboard.png
 (metric against trainable parameters, log scale). With every method (or --applications), chapter 5's
 training recipes follow: text-to-SQL and TabLLM -> results/applications.md and .json.
+Only the full default run (every method, the default tasks, steps and seed) writes results/; any other
+run writes runs/leaderboard/ unless --out names a folder, so a partial run never replaces the committed table.
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ from minimal.pretrained import load_base, record
 from minimal.train import Hooks, TrainConfig, evaluate_task, train
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS, PARTIAL = ROOT / "results", ROOT / "runs" / "leaderboard"
 DEFAULT_TASKS = ("sentiment", "family")  # --tasks camel kv_recall ... adds more
 DEFAULT = TrainConfig(steps=150, batch_size=8, warmup=15, log_every=0)
 MAX_TEST = 100  # test examples scored per task
+
+
+def default_out(methods: list[str] | None, tasks: list[str], steps: int, seed: int) -> Path:
+    """results/ for the full default run (every method, default tasks, steps and seed), else runs/leaderboard/."""
+    full = methods is None and list(tasks) == list(DEFAULT_TASKS) and steps == DEFAULT.steps and seed == DEFAULT.seed
+    return RESULTS if full else PARTIAL
 
 
 def apply_method(method: Method, model: nn.Module, task: Task, steps: int) -> tuple[nn.Module, Hooks]:
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS))
     parser.add_argument("--steps", type=int, default=DEFAULT.steps)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: {RESULTS} for the full default run, {PARTIAL} for any other")
     parser.add_argument("--applications", action=argparse.BooleanOptionalAction, default=None,
                         help="also run chapter 5's recipes (text-to-SQL, TabLLM); default: only with all methods")
     args = parser.parse_args(argv)
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     for t in args.tasks:
         get_task(t)  # fail early on an unknown task name
     cfg = replace(DEFAULT, steps=args.steps, seed=args.seed, warmup=min(DEFAULT.warmup, args.steps))
+    args.out = args.out or default_out(args.methods, args.tasks, args.steps, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
     for i, method in enumerate(methods):

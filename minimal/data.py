@@ -25,6 +25,13 @@ Tasks (`Task`: prompt -> answer, fixed train/validation/test splits, a metric):
 
 Format: prompt + <|answer|> + answer + <|endoftext|>; labels are -100 everywhere but the answer and the
 end token, so the loss is on the answer only (`encode_example`).
+
+Special tokens in text. Our code writes a few format tokens into prompt strings itself: the language
+tags of the translation tasks and the chat roles (`PROMPT_TOKENS`), and `<|answer|>` + `<|endoftext|>`
+around each solved demonstration of a k-shot prompt (chapters/ch1_introduction/in_context.py). Those are
+encoded as the special tokens; any other special-token text in a prompt (a bare `<|endoftext|>`, `<|pad|>`,
+...) and any special-token text in an answer or a document of an `LMCorpus` is an error, since it would
+silently cut or pad the user's text.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ FAMILIES = {
 }
 
 LANGUAGES = ["a", "b", "c", "d"]  # a is plain English; b, c, d are letter-substitution ciphers
+LANGUAGE_TAGS = frozenset(f"<|lang_{lang}|>" for lang in LANGUAGES)
+# format tokens our code writes into prompt text itself (translation tags, the chat template's roles)
+PROMPT_TOKENS = LANGUAGE_TAGS | {"<|system|>", "<|user|>", "<|assistant|>"}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -111,14 +121,43 @@ def split_of(item: str, val: float = 0.1, test: float = 0.1) -> str:
 
 @dataclass
 class LMCorpus:
+    """Documents per split; `tokens(split)` is their token stream, documents separated by <|endoftext|>.
+
+    Any text works: `LMCorpus("mine", {"train": [...], "val": [...], "test": [...]})`. A document may
+    not contain special-token text (it would be read as a separator); the cipher corpora's leading
+    language tag is the one exception, written by `get_corpus` itself.
+    """
+
     name: str
     docs: dict[str, list[str]]  # split -> documents
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.docs, dict) or not self.docs:
+            raise TypeError(f"docs must be a dict split -> list of str, e.g. {{'train': [...], 'val': [...]}}, "
+                            f"got {type(self.docs).__name__}")
+        for split, docs in self.docs.items():
+            if isinstance(docs, str) or not all(isinstance(d, str) for d in docs):
+                raise TypeError(f"docs[{split!r}] must be a list of str (one per document), got "
+                                f"{type(docs).__name__}" + ("" if isinstance(docs, str) else " with non-str items"))
+
+    def _split(self, split: str) -> list[str]:
+        if split not in self.docs:
+            raise ValueError(f"corpus {self.name!r} has no split {split!r}; it has {sorted(self.docs)}")
+        return self.docs[split]
 
     def text(self, split: str) -> str:
-        return "<|endoftext|>".join(self.docs[split])
+        return "<|endoftext|>".join(self._split(split))
 
     def tokens(self, split: str) -> torch.Tensor:
-        return _tokens(self.name, split)
+        """This corpus's own documents of `split`, tokenized once (the result is kept)."""
+        if split not in self._cache:
+            allowed = LANGUAGE_TAGS if self.name.startswith("cipher_") else frozenset()
+            for i, doc in enumerate(self._split(split)):
+                _check_special(doc, allowed, f"document {i} of split {split!r} of corpus {self.name!r}")
+            ids = get_tokenizer().encode(self.text(split), allowed_special={"<|endoftext|>"} | allowed)
+            self._cache[split] = torch.tensor(ids, dtype=torch.long)
+        return self._cache[split]
 
     def sha256(self) -> str:
         return hashlib.sha256("".join(self.text(s) for s in ("train", "val", "test")).encode("utf-8")).hexdigest()
@@ -148,13 +187,6 @@ def get_corpus(name: str) -> LMCorpus:
     else:
         raise ValueError(f"unknown corpus {name!r}; known: docs, code, cipher_a..cipher_d")
     return LMCorpus(name, _split_docs(docs))
-
-
-@functools.cache
-def _tokens(name: str, split: str) -> torch.Tensor:
-    enc = get_tokenizer()
-    ids = enc.encode(get_corpus(name).text(split), allowed_special="all")
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def check_corpus_hash(recorded: str | None) -> bool:
@@ -330,10 +362,36 @@ def get_task(name: str) -> Task:
 # ------------------------------------------------------------------------------------------ batching
 
 
+def _check_special(text: str, allowed: frozenset[str] | set[str], what: str) -> None:
+    """A ValueError if `text` contains special-token text outside `allowed` (see the module docstring)."""
+    found = sorted({t for t in get_tokenizer().special_tokens_set if t in text} - set(allowed))
+    if found:
+        raise ValueError(f"{what} contains the special token text {found}; our code adds the format tokens "
+                         f"itself, so remove it from the text (or escape it, e.g. '<| endoftext |>')")
+
+
+def _check_prompt(prompt: str) -> None:
+    """Prompt text may hold PROMPT_TOKENS, and <|answer|>/<|endoftext|> only as solved demonstrations
+    (`demo<|answer|>answer<|endoftext|>`, the k-shot format); the query's own <|answer|> is added here."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
+    *demos, query = prompt.split("<|endoftext|>")
+    for i, demo in enumerate(demos):
+        if demo.count("<|answer|>") != 1:
+            raise ValueError(f"prompt {prompt[:60]!r}...: <|endoftext|> in a prompt may only end a solved "
+                             f"demonstration 'prompt<|answer|>answer<|endoftext|>', but demonstration {i} has "
+                             f"{demo.count('<|answer|>')} <|answer|>; remove <|endoftext|> from the text")
+    _check_special(query, PROMPT_TOKENS, f"prompt {prompt[:60]!r}")
+    for demo in demos:
+        _check_special(demo.replace("<|answer|>", ""), PROMPT_TOKENS, f"prompt {prompt[:60]!r}")
+
+
 def encode_prompt(prompt: str) -> list[int]:
     """prompt tokens + <|answer|>: what the model sees before it answers."""
+    _check_prompt(prompt)
     enc = get_tokenizer()
-    return enc.encode(prompt, allowed_special="all") + [special_id(enc, "<|answer|>")]
+    allowed = PROMPT_TOKENS | {"<|answer|>", "<|endoftext|>"}
+    return enc.encode(prompt, allowed_special=allowed) + [special_id(enc, "<|answer|>")]
 
 
 def encode_example(ex: Example, block_size: int) -> tuple[list[int], list[int]]:
@@ -343,7 +401,8 @@ def encode_example(ex: Example, block_size: int) -> tuple[list[int], list[int]]:
     """
     enc = get_tokenizer()
     p = encode_prompt(ex.prompt)
-    a = enc.encode(ex.answer, allowed_special="all") + [special_id(enc, "<|endoftext|>")]
+    _check_special(ex.answer, frozenset(), f"answer {ex.answer[:60]!r}")
+    a = enc.encode(ex.answer, disallowed_special=()) + [special_id(enc, "<|endoftext|>")]
     if len(a) >= block_size:
         raise ValueError(f"answer of {len(a)} tokens does not fit block_size {block_size}")
     p = p[-(block_size - len(a)):]
@@ -379,6 +438,12 @@ def sample_examples(data: Task | tuple[torch.Tensor, torch.Tensor], n_samples: i
 
 def task_batch(task: Task, batch_size: int, block_size: int, gen: torch.Generator,
                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch (drawn with `gen`) of the task's `split`, collated as `collate` does."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if split not in task.splits or not task.splits[split]:
+        raise ValueError(f"task {task.name!r} has no {split!r} examples; splits: "
+                         f"{ {k: len(v) for k, v in task.splits.items()} }")
     data = task.splits[split]
     pick = torch.randint(0, len(data), (batch_size,), generator=gen).tolist()
     return collate([data[i] for i in pick], block_size)

@@ -204,6 +204,11 @@ class GPT(nn.Module):
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
+        if idx is not None and (idx.dim() != 2 or idx.dtype not in (torch.long, torch.int)):
+            raise ValueError(f"idx must be integer token ids of shape [B, T], got {idx.dtype} of shape "
+                             f"{tuple(idx.shape)}; for one sequence use idx[None] (or idx.unsqueeze(0))")
+        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must have shape [B, T, d], got {tuple(inputs_embeds.shape)}")
         x = self.wte(idx) if idx is not None else inputs_embeds  # [B, T, d]
         B, T, _ = x.shape
         start = position_offset + (cache[0][0].shape[2] if cache else 0)
@@ -251,6 +256,13 @@ class GPT(nn.Module):
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"generate needs a non-empty prompt idx of shape [B, T] with T >= 1, got shape "
+                             f"{tuple(idx.shape)}; start an empty text with a token such as <|endoftext|>")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int (or None for no cut), got {top_k!r}")
         if idx.shape[1] + max_new_tokens > self.config.block_size:
             raise ValueError(
                 f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds block_size "

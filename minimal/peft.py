@@ -7,8 +7,10 @@
   matches a name equal to an entry or ending with "." + entry (so "c_proj" hits attn.c_proj and
   mlp.c_proj). A target that matches nothing is an error that lists the names that exist.
 - `count_trainable`: trainable and total parameters, and the percentage.
-- `save_adapter` / `load_adapter`: only the trained state (safetensors) plus a json config; loading into a
-  model of another shape is an error that names every mismatched tensor.
+- `save_adapter` / `load_adapter`: only the trained state (safetensors) plus a json config that also
+  records each adapted module's class and hyperparameters (r, alpha, scale, ...) and each tensor's shape
+  and dtype. Loading checks all of it against the model before any tensor is copied: a model of another
+  shape, method, rank, alpha or dtype is an error that names the file, the tensor or module and the field.
 - `Mergeable`: the merge/unmerge protocol. A wrapper around a base `nn.Linear` whose update is a weight
   delta implements `delta_weight()`; `merge()` adds it into the base weight, `unmerge()` subtracts it,
   and merging twice (or unmerging an unmerged layer) is an error. `merge_all` / `unload` act on a model.
@@ -28,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# module attributes that are state, not hyperparameters: they may differ between saving and loading
+VOLATILE = ("training", "merged", "train_rank", "serve_rank")
 
 
 # ------------------------------------------------------------------------------------------ trainable set
@@ -83,15 +87,31 @@ def find_linears(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     if isinstance(targets, str):
         chosen = [n for n in linears if re.fullmatch(targets, n)]
         if not chosen:
-            raise ValueError(f"target pattern {targets!r} matches no nn.Linear; available: {linears}")
+            _refuse_wrapped(model, lambda n: re.fullmatch(targets, n) is not None, repr(targets))
+            hint = (f"; a str target is a regular expression over the whole name: to match every layer "
+                    f"named {targets!r} pass a list, targets=[{targets!r}]" if targets.isidentifier() else "")
+            raise ValueError(f"target pattern {targets!r} matches no nn.Linear{hint}; available: {linears}")
         return chosen
     targets = list(targets)
     if not targets:
         raise ValueError("targets is empty; name at least one linear layer")
     for t in targets:
+        if not isinstance(t, str):
+            raise TypeError(f"each target must be a str (a module name or its last part), got {t!r}")
         if not any(n == t or n.endswith("." + t) for n in linears):
+            _refuse_wrapped(model, lambda n, t=t: n == t or n.endswith("." + t), repr(t))
             raise ValueError(f"unknown target module {t!r}; available nn.Linear names: {linears}")
     return [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def _refuse_wrapped(model: nn.Module, selects: Callable[[str], bool], target: str) -> None:
+    """A target that names modules wrapping a linear (a method already applied) gets its own error."""
+    wrapped = [(n, type(m).__name__) for n, m in model.named_modules()
+               if selects(n) and not isinstance(m, nn.Linear) and isinstance(getattr(m, "base", None), nn.Linear)]
+    if wrapped:
+        raise ValueError(f"target {target} names layers that already have an adapter ({wrapped[0][1]} at "
+                         f"{wrapped[0][0]}, {len(wrapped)} in all); apply a method to a fresh base model, or "
+                         "remove the adapters first with minimal.peft.unload(model)")
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -210,40 +230,83 @@ def save_adapter(
     if not state:
         raise ValueError("save_adapter: the model has no trainable parameter; nothing to save")
     save_file(state, str(directory / ADAPTER_WEIGHTS))
-    record = {"config": config, "shapes": {n: list(t.shape) for n, t in state.items()}}
+    modules = dict(model.named_modules())
+    record = {"config": config, "shapes": {n: list(t.shape) for n, t in state.items()},
+              "dtypes": {n: str(t.dtype).removeprefix("torch.") for n, t in state.items()},
+              "modules": {o: module_record(modules[o]) for o in sorted({n.rpartition(".")[0] for n in state})}}
     (directory / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
-def read_adapter_config(directory: str | Path) -> dict:
+def module_record(module: nn.Module) -> dict:
+    """A module's class and its scalar hyperparameters (r, alpha, scale, mode, ...), as saved beside an adapter."""
+    scalars = {k: v for k, v in vars(module).items()
+               if not k.startswith("_") and k not in VOLATILE and isinstance(v, (bool, int, float, str))}
+    return {"class": type(module).__name__, **scalars}
+
+
+def _read_record(directory: str | Path) -> dict:
+    """adapter_config.json, parsed and checked for its fields: a ValueError names the file and the field."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}")
-    return json.loads(path.read_text(encoding="utf-8"))["config"]
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} (save it with minimal.peft.save_adapter)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid json ({e}); save the adapter again") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a json object with 'config' and 'shapes', got {type(record).__name__}")
+    for key in ("config", "shapes"):
+        if not isinstance(record.get(key), dict):
+            raise ValueError(f"{path}: field {key!r} is missing or not an object; save the adapter again")
+    for key in ("dtypes", "modules"):  # recorded since the adapter format checks hyperparameters
+        if key in record and not isinstance(record[key], dict):
+            raise ValueError(f"{path}: field {key!r} must be an object, got {type(record[key]).__name__}")
+    return record
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    return _read_record(directory)["config"]
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     """Copy a saved adapter into `model` (which already has the method applied); return its config.
 
-    Every saved tensor must exist in the model with the same shape; otherwise a ValueError names all the
-    tensors that do not fit, and nothing is copied.
+    Everything is checked before the first tensor is copied, so on any error the model is unchanged:
+    the json parses; every saved tensor exists in the model with the shape and dtype recorded in the json
+    and in the model; each adapted module has the saved class and hyperparameters (r, alpha, scale, ...)
+    and is not merged. A ValueError names the file and every tensor or field that does not fit.
     """
+    record = _read_record(directory)
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
     state = load_file(str(path))
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = sorted(n for n in state if n not in tensors)
-    wrong = sorted(
-        f"{n}: saved {tuple(t.shape)} vs model {tuple(tensors[n].shape)}"
-        for n, t in state.items() if n in tensors and t.shape != tensors[n].shape
-    )
-    if missing or wrong:
-        raise ValueError(
-            "adapter does not fit this model (saved for another base shape or method?): "
-            + "; ".join([f"{n}: not in the model" for n in missing] + wrong)
-        )
+    modules = dict(model.named_modules())
+    wrong = [f"{n}: not in the model" for n in sorted(state) if n not in tensors]
+    for n, t in sorted(state.items()):
+        if list(t.shape) != record["shapes"].get(n):
+            wrong.append(f"{n}: shape {tuple(t.shape)} in {ADAPTER_WEIGHTS}, {record['shapes'].get(n)} in "
+                         f"{ADAPTER_CONFIG}")
+        if n in tensors and t.shape != tensors[n].shape:
+            wrong.append(f"{n}: saved {tuple(t.shape)} vs model {tuple(tensors[n].shape)}")
+        if n in tensors and t.dtype != tensors[n].dtype:
+            wrong.append(f"{n}: dtype saved {t.dtype} vs model {tensors[n].dtype} (cast the model with .to(dtype))")
+    for name, saved in sorted(record.get("modules", {}).items()):
+        module = modules.get(name)
+        if module is None:
+            continue  # its tensors are reported above
+        if getattr(module, "merged", False):
+            wrong.append(f"{name}: the module is merged; unmerge() before loading an adapter into it")
+        have = module_record(module)
+        for field_name, value in saved.items():
+            if have.get(field_name) != value:
+                wrong.append(f"{name}.{field_name}: saved {value!r} vs model {have.get(field_name)!r}")
+    if wrong:
+        raise ValueError(f"adapter in {directory} does not fit this model (saved for another base shape, method "
+                         f"or setting?), nothing was copied: " + "; ".join(wrong))
     with torch.no_grad():
         for n, t in state.items():
             tensors[n].copy_(t)
-    return read_adapter_config(directory)
+    return record["config"]

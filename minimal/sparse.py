@@ -10,7 +10,8 @@ module builds both:
    is exactly the number of selected entries and an unselected entry has *no trainable value at all*: no
    gradient, no Adam moment, no weight decay can reach it. It is a `torch.nn.utils.parametrize`
    parametrisation, so `module.weight` still reads as a full tensor and `merge_sparse_deltas` folds it
-   back into a plain parameter.
+   back into a plain parameter. The value vector is 1-D, so the shared loop never weight-decays it
+   (released code that masks gradients decays the selected entries of a matrix).
 2. Gradient masking (`GradMask`, what most released code does): after backward, grad <- grad * M (times
    an optional scale), then the optimiser steps. Pitfall: AdamW's decoupled weight decay, and momentum
    from a step when an entry *was* selected, still move unselected entries. With `restore=True` every

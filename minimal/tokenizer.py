@@ -76,28 +76,48 @@ def train_bpe(texts: Iterable[str], vocab_size: int = VOCAB_SIZE, n_special: int
             new_id = len(vocab)
             vocab.append(merged)
             ranks[merged] = new_id
-        for wi in list(where[best]):
-            w, c = words[wi], counts[wi]
-            for pair in zip(w, w[1:]):  # take the word's old pairs out ...
-                pair_count[pair] -= c
-                if pair_count[pair] <= 0:
-                    del pair_count[pair]
-                where[pair].discard(wi)
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            words[wi] = out
-            for pair in zip(out, out[1:]):  # ... and its new pairs in
-                pair_count[pair] += c
-                where[pair].add(wi)
+        merge_words(words, counts, pair_count, where, best, new_id)
         if verbose and len(vocab) % 256 == 0:
             print(f"bpe: {len(vocab)} tokens, last merge {merged!r}")
     return ranks
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """`ids` with every occurrence of `pair` replaced by `new_id`, scanning left to right.
+
+    Occurrences do not overlap: merging (1, 1) in [1, 1, 1] gives [new_id, 1].
+    """
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def merge_words(words: list[list[int]], counts: list[int], pair_count: Counter[tuple[int, int]],
+                where: defaultdict[tuple[int, int], set[int]], best: tuple[int, int], new_id: int) -> None:
+    """Merge `best` into `new_id` in every word that holds it, updating the pair counts in place.
+
+    Only the words that contain the pair are touched (`where` indexes them): each one's old pairs are
+    taken out of `pair_count` (weighted by how often the word occurs), the word is merged, and its new
+    pairs are put back in.
+    """
+    for wi in list(where[best]):
+        w, c = words[wi], counts[wi]
+        for pair in zip(w, w[1:]):  # take the word's old pairs out ...
+            pair_count[pair] -= c
+            if pair_count[pair] <= 0:
+                del pair_count[pair]
+            where[pair].discard(wi)
+        out = merge_pair(w, best, new_id)
+        words[wi] = out
+        for pair in zip(out, out[1:]):  # ... and its new pairs in
+            pair_count[pair] += c
+            where[pair].add(wi)
 
 
 def save_ranks(ranks: dict[bytes, int], path: str | Path = DEFAULT_PATH) -> None:

@@ -18,6 +18,7 @@ or a LISA re-draw, still shows its peak).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import time
@@ -51,6 +52,14 @@ class TrainConfig:
     progress: bool | None = None  # None: a bar when interactive, plain lines otherwise (CI)
 
     def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "warmup", "eval_every", "log_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"TrainConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.lr <= 0:
@@ -155,19 +164,25 @@ def train(
         loss = model(idx, labels=labels).loss
         if hooks.extra_loss is not None:
             loss = loss + hooks.extra_loss(model)
+        if not math.isfinite(loss.item()):  # before backward and step: a bad loss never reaches the weights
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if hooks.after_backward is not None:
             hooks.after_backward(model, step)
+        grads = [p.grad for p in params if p.grad is not None]
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if grads and not torch.isfinite(norm):
+            raise FloatingPointError(f"a gradient became non-finite at step {step} (norm {norm.item()}); the "
+                                     "weights were not updated. Lower the learning rate or check the method")
         optimizer.step()
         if device.type != "cuda":  # the CPU peak: parameters, gradients and state right after the step
             result.peak_memory_bytes = max(result.peak_memory_bytes, tensor_bytes(model, optimizer))
         if hooks.step_end is not None:
             hooks.step_end(model, step, optimizer)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         result.history.append({"step": step, "loss": loss.item(), "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -27,6 +27,9 @@ head is the tied wte, which stays frozen (excluded from scoring) and tasks use v
 k = floor(rho * Phi) with Phi the whole model. Squared gradients ("label-square", the script default
 for the paper's tables), N = 256 samples by default (the paper uses 1024 and reports robustness down to
 a few hundred). `score="random"` draws the same number of entries uniformly: the paper's baseline.
+Departure from the released code: the selected entries train as the value vector of a sparse delta
+(`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
+the leaderboard's weight decay 0 the two agree.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ Choices (the paper used T5 with relative positions; this is a GPT with absolute 
   so every evaluation that reads `model(idx).logits` works unchanged;
 - initialisation: "random" is the paper's uniform [-0.5, 0.5] (peft uses N(0, 1)); "vocab" copies rows
   of wte for ids drawn from the first `population` ids (the paper samples the 5,000 most frequent tokens;
-  our BPE ids grow roughly with merge order, peft samples the whole vocabulary); "text" embeds an init
+  our BPE ids grow roughly with merge order, peft samples the whole vocabulary), never a special token
+  (a drawn special id is drawn again among the ordinary ones: it is no word to start from); "text" embeds an init
   text with the shipped tokenizer, cut or repeated to P tokens (peft's TEXT rule).
 
 Mechanism: `apply_prompt_tuning` adds the prompt to the model as `model.soft_prompt` and installs two
@@ -88,6 +89,13 @@ class SoftPrompt(nn.Module):
         return out
 
 
+def _first_special_id(vocab_size: int) -> int:
+    """Ids from here on are special tokens (<|endoftext|>, <|pad|>, ...) for the shipped tokenizer's vocabulary."""
+    from minimal.tokenizer import N_SPECIAL, VOCAB_SIZE
+
+    return VOCAB_SIZE - N_SPECIAL if vocab_size == VOCAB_SIZE else vocab_size
+
+
 @torch.no_grad()
 def init_prompt(
     prompt: SoftPrompt,
@@ -105,6 +113,9 @@ def init_prompt(
         if population <= 0:
             raise ValueError(f"population must be positive, got {population}")
         ids = torch.randint(0, min(population, wte.num_embeddings), (P,), generator=generator)  # [P]
+        ordinary = _first_special_id(wte.num_embeddings)
+        while bool((bad := ids >= ordinary).any()):  # a special token is not a word: draw those again
+            ids[bad] = torch.randint(0, min(population, ordinary), (int(bad.sum()),), generator=generator)
         prompt.weight.copy_(wte.weight[ids.to(wte.weight.device)])
     elif init == "text":
         if not init_text:

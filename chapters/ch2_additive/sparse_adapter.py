@@ -31,7 +31,8 @@ Choices:
   time); GraSP and SynFlow are not implemented. Scores are normalised by their sum (ranking unchanged);
 - init: SNIP needs non-zero weights in both projections (spec [I]): with a zero up-projection every score
   is zero, so the adapters' "near_identity" init (both projections ~1e-3) is the default and an all-zero
-  score is a ValueError that says so (`snip_scores` shows the pitfall);
+  score is a ValueError that says so (`snip_scores` shows the pitfall); "magnitude" with init="zero" is
+  refused for the same reason (every |W_up| ties at 0, so W_up would be pruned whole);
 - one-shot pruning only (the code's iterative schedules are not implemented).
 """
 
@@ -195,6 +196,9 @@ def apply_sparse_adapter(
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {CRITERIA}")
     if scope not in SCOPES:
         raise ValueError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
+    if init == "zero" and criterion == "magnitude":
+        raise ValueError("criterion='magnitude' with init='zero' would prune all of W_up (every |W_up| is 0), "
+                         "leaving an adapter that is only a bias; use init='near_identity' or another criterion")
     apply_adapters(model, bottleneck, placement, init=init, train_layernorm=train_layernorm)
     device = model.wte.weight.device
     for block in model.h:

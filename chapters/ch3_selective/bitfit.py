@@ -21,6 +21,9 @@ What trains (d = n_embd, L = n_layer):
 Choices: the tied LM head (= wte) stays frozen and tasks are answered with verbaliser tokens, so no new
 head is added (the paper trains a new classifier head densely). Models without biases (bias=False, like
 LLaMA) cannot use BitFit: that is an error, not an empty run.
+Departure from the released code: the selected entries train as the value vector of a sparse delta
+(`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
+the leaderboard's weight decay 0 the two agree.
 """
 
 from __future__ import annotations

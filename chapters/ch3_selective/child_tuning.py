@@ -27,6 +27,10 @@ Choices where paper and code differ: D's threshold is the (1 - p_D) quantile of 
 we keep exactly k = floor(p_D * n) entries with `topk_mask` (the same set when scores have no ties). D's
 Fisher squares per-batch gradients (not per-example ones), each tensor's gradient clipped to norm 1
 first, as in the released code. The tied head is wte, so it trains densely like the other embeddings.
+Departures from the released code: the shared loop's after_backward hook runs before clipping, so we mask
+(and rescale) the gradient and then clip the masked one, where the release clips the full gradient and
+masks inside its optimizer; and D's Fisher batches are taken in the order given, unshuffled, so the
+scores are reproducible without a data-loader seed.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ with strict=True (our default) every entry outside the current mask is copied ba
 its value at the last refresh, so it is truly fixed until the mask picks it again. strict=False is the
 released behaviour (gradient masking only). The sample pool is a fixed set of N training examples
 (a Task's train split is sampled once: n_samples), N_batches = ceil(N / 8) (the paper's batch size 8).
+Departure from the released code: a sample's loss is its mean cross-entropy over its answer tokens; the
+release divides the summed loss by the padded length, which ranks long answers as harder (on our tasks
+the two picked 0 of 3 hardest samples in common). We keep the mean: padding is not part of a sample.
 """
 
 from __future__ import annotations

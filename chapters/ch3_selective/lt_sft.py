@@ -30,6 +30,9 @@ parameters here (the paper fixes K to match adapter sizes). One round (the itera
 unfreezes K/n more entries per round is not built). Our head is the tied wte and stays frozen; tasks
 use verbaliser tokens. To train a task phi on top of a language phi, add phi_L to the model first: the
 task phi is then measured from that model, exactly as in the paper's recipe.
+Departure from the released code: the selected entries train as the value vector of a sparse delta
+(`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
+the leaderboard's weight decay 0 the two agree.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ layer and per tensor (not shared across layers), row-wise for weights; mlp.c_pro
 weights can be chosen. It is a `torch.nn.utils.parametrize` parametrisation, so the adapted tensor is
 recomputed from the frozen base tensor at every forward pass and merging removes every trace of it.
 Our head is the tied wte, which stays frozen (tasks use verbaliser tokens).
+Departure from the released code: the selected entries train as the value vector of a sparse delta
+(`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
+the leaderboard's weight decay 0 the two agree.
 """
 
 from __future__ import annotations

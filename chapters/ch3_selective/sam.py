@@ -29,6 +29,9 @@ stays frozen and unscored (verbaliser tokens instead of a new dense head). Train
 parametrisation of `minimal.sparse` by default (unselected entries are not parameters, so they stay
 bitwise theta0); implementation="grad_mask" masks .grad before AdamW as the released code does, without
 restoring unselected entries (so they are fixed only with weight decay 0).
+Departure from the released code: the selected entries train as the value vector of a sparse delta
+(`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
+the leaderboard's weight decay 0 the two agree.
 """
 
 from __future__ import annotations

@@ -122,6 +122,17 @@ def budget_schedule(t: int, init_budget: int, target_budget: int, total_steps: i
     return int((init_budget - target_budget) * left**3 + target_budget), t % delta_t == 0
 
 
+def budget_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """name -> kept mask [r]: the k lowest triplet scores over ALL layers are switched off (model-wide).
+
+    Ties with the k-th smallest score are switched off too (peft's rule "score <= threshold"); k <= 0 keeps all.
+    """
+    if k <= 0:
+        return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
+    threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values
+    return {name: s > threshold for name, s in scores.items()}
+
+
 def check_schedule(init_r: int, target_r: int, total_steps: int, t_init: int = 0, t_final: int = 0,
                    delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.1,
                    orth_reg: str = "code") -> None:
@@ -206,12 +217,7 @@ class RankAllocator:
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, torch.Tensor]:
         """Zero E_i for the (init_budget - budget) lowest triplet scores; return name -> kept mask [r]."""
-        scores = self.scores()
-        k = self.init_budget - budget
-        if k <= 0:
-            return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
-        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values
-        kept = {name: s > threshold for name, s in scores.items()}
+        kept = budget_mask(self.scores(), self.init_budget - budget)
         for name, layer in self.layers.items():
             layer.E.masked_fill_(~kept[name], 0.0)
         return kept

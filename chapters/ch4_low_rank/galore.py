@@ -44,6 +44,16 @@ from minimal.peft import find_linears
 from minimal.train import Hooks, TrainConfig
 
 
+def project(grad: torch.Tensor, side: str, P: torch.Tensor) -> torch.Tensor:
+    """The gradient in the r-dimensional space: R = P^T G [r, n] ("left", P [m, r]) or G Q [m, r] ("right")."""
+    return P.T @ grad if side == "left" else grad @ P
+
+
+def project_back(update: torch.Tensor, side: str, P: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Adam's step N, taken in the projected space, back to full size [m, n]: alpha P N or alpha N Q^T."""
+    return alpha * (P @ update if side == "left" else update @ P.T)
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose param groups with `rank` set run Adam on rank-r projections of 2-D gradients.
 
@@ -117,8 +127,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         state["exp_avg"].zero_()
                         state["exp_avg_sq"].zero_()
                 if projected:
-                    P = state["projector"]  # left: [m, r], right: [n, r]
-                    grad = P.T @ grad if state["side"] == "left" else grad @ P  # [r, n] or [m, r]
+                    grad = project(grad, state["side"], state["projector"])  # [r, n] or [m, r]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad)
                     state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -130,8 +139,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
                 update = (m / (1 - b1**t)) / denom  # N, in the projected space when projected
                 if projected:
-                    P = state["projector"]
-                    update = group["alpha"] * (P @ update if state["side"] == "left" else update @ P.T)  # [m, n]
+                    update = project_back(update, state["side"], state["projector"], group["alpha"])  # [m, n]
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"])

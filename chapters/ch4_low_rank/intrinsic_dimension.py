@@ -166,3 +166,18 @@ def d90(scores: dict[int, float], full_score: float, fraction: float = 0.9) -> i
     """The smallest subspace dimension whose score reaches `fraction` of full fine-tuning's (None if none)."""
     reached = [d for d, s in scores.items() if s >= fraction * full_score]
     return min(reached) if reached else None
+
+
+def rank_for_energy(delta: torch.Tensor, energy: float = 0.9) -> int:
+    """The matrix analogue of d90: the smallest k with sigma_1^2 + ... + sigma_k^2 >= energy * sum_i sigma_i^2.
+
+    delta [out, in] (a weight update W_ft - W0, or any matrix); 0 for a zero matrix.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    s2 = torch.linalg.svdvals(delta.detach().float()) ** 2  # [min(out, in)], descending
+    total = s2.sum()
+    if total == 0:
+        return 0
+    cum = torch.cumsum(s2, 0) / total  # [k] fraction of the energy in the top 1, 2, ... components
+    return min(int((cum < energy).sum().item()) + 1, s2.numel())

@@ -24,7 +24,7 @@ adapter copies in unchanged; only GPT-2's Conv1D base weight is stored transpose
 What trains: A and B of every targeted layer; everything else (base weights and biases, LayerNorms, the
 tied embedding) is frozen.
 
-Choices where paper and code differ (spec sheet, section 1):
+Choices where paper and code differ:
 - init: the paper says "random Gaussian" for A; we use nn.Linear's kaiming-uniform like loralib and peft.
 - targets: the paper adapts the q and v projections; GPT-2 fuses q, k, v into `c_attn`, and, like peft,
   one rank-r adapter covers the fused matrix (a q/v-only split is not offered here).

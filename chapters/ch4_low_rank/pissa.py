@@ -65,6 +65,20 @@ def component_indices(k: int, r: int, which: str, generator: torch.Generator | N
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
 
 
+def svd_init(W0: torch.Tensor, r: int, which: str = "principal", scale: float = 1.0,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter's start from the SVD of W0 [out, in]: (indices I [r], A [r, in], B [out, r]).
+
+    s B A = U_I diag(sigma_I) V_I^T, the chosen part of W0; sigma_I / s is split evenly (square roots).
+    """
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)  # [out, k], [k], [k, in]
+    idx = component_indices(S.numel(), r, which, generator).to(S.device)  # [r]
+    root = torch.sqrt(S[idx] / scale)  # [r] sigma split evenly between A and B, divided by s
+    A = root.unsqueeze(1) * Vh[idx]  # [r, 1] * [r, in] -> [r, in]
+    B = U[:, idx] * root  # [out, r] * [r] -> [out, r]
+    return idx, A, B
+
+
 class PiSSALinear(LoRALinear):
     """LoRALinear whose A, B start as r singular triplets of W0 and whose base weight becomes W0 - s B A."""
 
@@ -83,12 +97,10 @@ class PiSSALinear(LoRALinear):
         super().__init__(base, r=r, alpha=float(r) if alpha is None else alpha, rslora=rslora, dropout=dropout)
         self.which = which
         W0 = base.weight.detach().float()  # [out, in]
-        U, S, Vh = torch.linalg.svd(W0, full_matrices=False)  # [out, k], [k], [k, in]
-        idx = component_indices(S.numel(), r, which, generator).to(S.device)  # [r]
-        root = torch.sqrt(S[idx] / self.scale)  # [r]
+        idx, A, B = svd_init(W0, r, which, self.scale, generator)  # [r], [r, in], [out, r]
         with torch.no_grad():
-            self.A.copy_(root.unsqueeze(1) * Vh[idx])  # [r, 1] * [r, in] -> [r, in]
-            self.B.copy_(U[:, idx] * root)  # [out, r] * [r] -> [out, r]
+            self.A.copy_(A)
+            self.B.copy_(B)
             base.weight.copy_(W0 - self.scale * self.B.float() @ self.A.float())  # W_res [out, in]
         self.register_buffer("component_index", idx)  # [r] which sigma_i the adapter started from
         self.register_buffer("A0", self.A.detach().clone())  # [r, in] for lora_equivalent()

@@ -32,6 +32,8 @@ Choices where paper and released code differ (spec sheet sections 10 and 30):
 - Init: A kaiming-uniform, B = 0 (identity at init), g ~ N(0, 1) (code: torch.randn).
 
 This file builds on lora.py (it subclasses LoRALinear): copy minimal/ with lora.py and sora.py.
+Naming: our "log_linear" schedule is the released code's "exp_linear" (thresholds evenly spaced in log,
+i.e. growing exponentially); we name it by the spacing.
 """
 
 from __future__ import annotations

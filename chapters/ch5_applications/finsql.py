@@ -2,7 +2,7 @@
 
 Paper: Chao Zhang, Yuren Mao, Yijiang Fan, Yu Mi, Yunjun Gao, Lu Chen, Dongfang Lou, Jinshu Lin,
 "FinSQL: Model-Agnostic LLMs-based Text-to-SQL Framework for Financial Analysis", SIGMOD 2024,
-arXiv 2401.10506 (spec sheet section 27). Builds on lora.py (chapter 4): copy minimal/, lora.py and the
+arXiv 2401.10506. Builds on lora.py (chapter 4): copy minimal/, lora.py and the
 four ch5 files sql_databases.py, schema_linking.py, sql_eval.py and this one.
 
 The pipeline, one stage per section of this file:
@@ -17,7 +17,7 @@ The pipeline, one stage per section of this file:
    (identifiers and literals become "_", keywords stay); the query is what follows the "|".
 2. LoRA plug-ins: one LoRA per database on the same frozen base (lora.py: dW = s B A, B = 0 at init),
    trained on that database's pairs; serving a question loads the plug-in of its database.
-3. Weight merging for few-shot transfer to a new database (spec sheet, both rules, per adapted layer):
+3. Weight merging for few-shot transfer to a new database (the paper's two rules, per adapted layer):
         M1  A = (1/K) sum_k A_k,  B = (1/K) sum_k B_k                     (LoraHub with uniform weights)
         M2  dW = (1/K) sum_k s B_k A_k = U S V^T,  keep the top r:  B = U_r S_r^1/2 / s^1/2,
             A = S_r^1/2 V_r^T / s^1/2,  so that s B A is the best rank-r approximation of the mean delta
@@ -30,8 +30,8 @@ Choices made here (where the paper is silent or too large for a 1M-parameter mod
   with different random starts their A's would live in unrelated bases and the mean of products would
   not resemble any product of means;
 - the LoRA adapts every linear layer with r = 32 (alpha = 64); with r = 8 the plug-in reached about a
-  third of the exact match of r = 32 after the same 200 steps in our runs (spec sheet: "r, alpha, LR as
-  in LoRA practice");
+  third of the exact match of r = 32 after the same 200 steps in our runs (the paper leaves r, alpha and the
+  learning rate to LoRA practice);
 - the prompt has a token budget (`max_prompt_tokens`); a prompt without schema linking is the full
   schema cut at that budget (about 310 tokens would be needed), then the question;
 - the skeleton makes targets longer (our SQL: 30 tokens on average, 48 at most; skeleton + SQL: 48 and

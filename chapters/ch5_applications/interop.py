@@ -252,7 +252,28 @@ def read_peft_config(directory: str | Path) -> dict:
     path = Path(directory) / PEFT_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {PEFT_CONFIG} in {directory} (is it a peft adapter directory?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid json ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a json object (peft's config), got {type(config).__name__}")
+    return config
+
+
+def _number_field(config: dict, key: str, kind: type, directory: str | Path, positive: bool = True) -> Any:
+    """config[key] checked to be a number of `kind` (int: a whole number), > 0 when `positive`."""
+    where = Path(directory) / PEFT_CONFIG
+    if key not in config:
+        raise ValueError(f"{where}: field {key!r} is missing; a peft LoRA config has r and lora_alpha")
+    value = config[key]
+    ok = (isinstance(value, int) if kind is int else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if not ok:
+        raise TypeError(f"{where}: field {key!r} must be a json number ({kind.__name__}), got {value!r} "
+                        f"({type(value).__name__})")
+    if positive and value <= 0:
+        raise ValueError(f"{where}: field {key!r} must be > 0, got {value!r}")
+    return value
 
 
 def selected_by(targets: str | Iterable[str], names: list[str]) -> list[str]:
@@ -313,6 +334,16 @@ def import_peft(model: GPT, directory: str | Path) -> dict:
     if mergeable_modules(model):
         raise ValueError("the model already has adapters; import into a plain GPT (minimal.peft.unload first)")
     config = read_peft_config(directory)
+    if config.get("peft_type") not in ("LORA", "IA3"):
+        raise ValueError(f"{Path(directory) / PEFT_CONFIG}: peft_type {config.get('peft_type')!r} is not "
+                         "imported here; supported: 'LORA' (incl. rsLoRA) and 'IA3'")
+    if config.get("peft_type") == "LORA":
+        _number_field(config, "r", int, directory)
+        _number_field(config, "lora_alpha", float, directory)
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise TypeError(f"{Path(directory) / PEFT_CONFIG}: field 'target_modules' must be a str (a regular "
+                        f"expression) or a list of module names, got {targets!r}")
     path = Path(directory) / PEFT_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no {PEFT_WEIGHTS} in {directory} (adapter_model.bin is not read: use safetensors)")

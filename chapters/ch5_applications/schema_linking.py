@@ -2,7 +2,7 @@
 
 Paper: Chao Zhang, Yuren Mao, Yijiang Fan, Yu Mi, Yunjun Gao, Lu Chen, Dongfang Lou, Jinshu Lin,
 "FinSQL: Model-Agnostic LLMs-based Text-to-SQL Framework for Financial Analysis", SIGMOD 2024,
-arXiv 2401.10506 (spec sheet section 27).
+arXiv 2401.10506.
 
 The problem: a financial database has tables of 50-100 abbreviated columns. Serialised in full, the schema
 of one of our databases is about 310 tokens, more than twice the 128-token context of the shipped model.

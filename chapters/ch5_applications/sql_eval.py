@@ -1,7 +1,7 @@
 """Executing model-written SQL safely, scoring it, and FinSQL's output calibration.
 
 Paper: Zhang, Mao et al., "FinSQL: Model-Agnostic LLMs-based Text-to-SQL Framework for Financial Analysis",
-SIGMOD 2024, arXiv 2401.10506 (spec sheet section 27, "output calibration" and "metrics").
+SIGMOD 2024, arXiv 2401.10506 (its sections on output calibration and metrics).
 
 A text-to-SQL model writes arbitrary strings, and an evaluation runs them against a database. So the
 evaluation connection must be unable to change anything and unable to run for ever:

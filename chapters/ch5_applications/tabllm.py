@@ -34,7 +34,7 @@ trained with the shared loop (minimal/train.py) on (IA)^3 vectors or on LoRA fac
 `answer_logprobs`, which runs each prompt once and its C answers on the prompt's key/value cache (the
 decoder-only counterpart of T-Few encoding the input once and decoding every answer).
 
-Choices made for a 1M-parameter GPT with a 128-token context (spec sheet section 28):
+Choices made for a 1M-parameter GPT with a 128-token context:
 - features: the `n_features` columns with the largest ANOVA F statistic (between-class over within-class
   variance) on the *prior* split, kept in the table's own order; 4 by default, so that every prompt fits
   the context with room to spare (`check_fits` refuses a prompt that does not fit instead of cutting it);

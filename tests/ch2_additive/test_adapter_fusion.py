@@ -153,3 +153,23 @@ def test_errors():
         apply_adapter_fusion(model, {"a": random_set(1)})
     with pytest.raises(ValueError, match="no AdapterFusion layers"):
         fusion_weights(tiny_gpt(), ids())
+
+
+def test_temperature_divides_the_scores_and_the_regulariser_is_the_frobenius_norm():
+    torch.manual_seed(0)
+    layer = FusionLayer(d, {"a": random_set(1)[0], "b": random_set(2)[0]}, temperature=4.0)
+    with torch.no_grad():
+        layer.query.weight.normal_(0, 0.5)
+        layer.key.weight.normal_(0, 0.5)
+    f = torch.randn(2, 5, d)
+    layer(f)
+    u = torch.stack([a.up(a.act(a.down(f))) for a in layer.adapters.values()], dim=-2)  # [B, T, N, d]
+    scores = (layer.key(u) * layer.query(f).unsqueeze(-2)).sum(-1)  # [B, T, N]
+    torch.testing.assert_close(layer.last_weights, (scores / 4.0).softmax(-1))
+    assert (layer.last_weights - (scores * 4.0).softmax(-1)).abs().max() > 1e-3  # the inverse is visibly different
+    model = tiny_gpt()
+    hooks = apply_adapter_fusion(model, {"a": random_set(1)}, value_reg=0.5)
+    with torch.no_grad():
+        for layer in fusion_layers(model):
+            layer.value.weight.copy_(torch.eye(d) + 0.1)  # ||I - V||_F^2 = d^2 * 0.01 per layer
+    torch.testing.assert_close(hooks.extra_loss(model), torch.tensor(0.5 * L * d * d * 0.01))

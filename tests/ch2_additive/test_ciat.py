@@ -174,3 +174,22 @@ def test_errors():
         set_direction(tiny(), "a_b")
     with pytest.raises(TypeError, match="GPT"):
         apply_ciat(torch.nn.Linear(2, 2))
+
+
+def test_linear_hidden_transformation_acts_on_the_last_block_output_only():
+    model = make(("a_b",), lht=True)
+    visible(model)
+    lht = model.ciat.directions["a_b"].lht
+    x = pair_batch("a", "b")[0]
+    with torch.no_grad():
+        with_lht = model(x, output_hidden_states=True).hidden_states
+        saved = [p.clone() for p in lht.parameters()]
+        for p in lht.parameters():
+            p.zero_()
+        without = model(x, output_hidden_states=True).hidden_states
+        for p, s in zip(lht.parameters(), saved):
+            p.copy_(s)
+        for i in range(L):  # the embeddings and every block but the last are untouched
+            assert torch.equal(with_lht[i], without[i])
+        torch.testing.assert_close(with_lht[L], without[L] + lht(without[L]), rtol=0, atol=1e-6)
+        assert (with_lht[L] - without[L]).abs().max() > 1e-3

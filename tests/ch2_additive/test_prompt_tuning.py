@@ -162,3 +162,18 @@ def test_errors():
     model(ids(T=CFG.block_size - P))  # exactly full is fine
     with pytest.raises(ValueError, match="no soft prompt"):
         remove_prompt_tuning(tiny())
+
+
+def test_vocab_init_never_draws_a_special_token() -> None:
+    from minimal.tokenizer import N_SPECIAL, VOCAB_SIZE
+
+    # seed 0 draws a special id among 100 ids from the whole vocabulary: it must be drawn again
+    first_draw = torch.randint(0, VOCAB_SIZE, (100,), generator=torch.Generator().manual_seed(0))
+    assert (first_draw >= VOCAB_SIZE - N_SPECIAL).any()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.wte.weight.copy_(torch.arange(VOCAB_SIZE, dtype=torch.float)[:, None].expand(-1, 16))  # row i = i
+    apply_prompt_tuning(model, n_tokens=100, init="vocab", seed=0)
+    ids = model.soft_prompt.weight[:, 0].long()
+    assert ids.max() < VOCAB_SIZE - N_SPECIAL and len(set(ids.tolist())) > 50

@@ -184,3 +184,12 @@ def test_errors():
     with pytest.raises(ValueError, match="at least one"):
         model = tiny()
         apply_sparse_adapter(model, sparsity=0.5, batches=[])
+
+
+def test_magnitude_on_a_zero_up_projection_is_refused_before_the_model_changes() -> None:
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="would prune all of W_up"):
+        apply_sparse_adapter(model, sparsity=0.5, criterion="magnitude", init="zero")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

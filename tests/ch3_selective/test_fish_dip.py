@@ -141,3 +141,29 @@ def test_sample_pool_and_errors():
     labels[0, 4:] = -100
     with pytest.raises(ValueError, match="no target token"):
         sample_losses(model, idx, labels)
+
+
+def test_strict_mode_holds_dropped_entries_at_their_value_at_the_last_refresh_not_at_theta0():
+    model = tiny()
+    idx, labels = pool()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.wte.weight.requires_grad_(False)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dip = FishDip(model, idx, labels, fraction=FRACTION, every=3, n_hard=3)
+    at_refresh: dict[str, torch.Tensor] = {}
+    moved = []
+
+    def step_end(m, step, opt):
+        dip.step_end(m, step, opt)
+        params = dict(m.named_parameters())
+        if (step + 1) % 3 == 0:
+            at_refresh.update({n: params[n].detach().clone() for n in dip.masks})
+            moved.append(sum(int((at_refresh[n][~mk] != theta0[n][~mk]).sum()) for n, mk in dip.masks.items()))
+        elif at_refresh:
+            for n, mk in dip.masks.items():
+                assert torch.equal(params[n][~mk], at_refresh[n][~mk]), n
+
+    train(model, lambda g: (idx, labels), TrainConfig(steps=8, lr=1e-2, warmup=0, log_every=0),
+          Hooks(after_backward=dip.after_backward, step_end=step_end))
+    assert len(moved) == 2 and all(k > 0 for k in moved)  # entries trained, then dropped: not at theta0

@@ -189,3 +189,20 @@ def test_errors():
     apply_sam(model, batches, fraction=0.05)
     with pytest.raises(ValueError, match="already has sparse deltas"):
         apply_sam(model, batches, fraction=0.05)
+
+
+def test_grad_mask_training_moves_exactly_the_selected_entries():
+    batches = masked_batches(2)
+    model = tiny()
+    hooks = apply_sam(model, batches, fraction=0.05, implementation="grad_mask")
+    reference = tiny()
+    apply_sam(reference, batches, fraction=0.05)
+    mask = delta_masks(reference)  # the delta path's mask: the one the grad-mask path must train
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx, labels = batches[0]
+    train(model, lambda g: (idx, labels), TrainConfig(steps=5, lr=1e-2, warmup=0, log_every=0), hooks)
+    params = dict(model.named_parameters())
+    for n, m in mask.items():
+        assert torch.equal(params[n][~m], before[n][~m]), n
+    moved = sum(int((params[n][m] != before[n][m]).sum()) for n, m in mask.items())
+    assert moved > 0.9 * sum(int(m.sum()) for m in mask.values())

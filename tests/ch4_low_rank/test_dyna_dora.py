@@ -140,3 +140,19 @@ def test_bad_input_errors() -> None:
         apply_dyna_dora(tiny_gpt(), total_steps=1)
     with pytest.raises(ValueError, match="start_ratio < end_ratio"):
         apply_dyna_dora(tiny_gpt(), total_steps=20, start_ratio=0.6, end_ratio=0.5)
+
+
+def test_importance_scores_are_an_exponential_moving_average() -> None:
+    model = tiny_gpt()
+    hooks = apply_dyna_dora(model, total_steps=40, r=2, targets=("c_attn",), interval=4, alpha=8, beta=0.9)
+    pruner = hooks.step_end.__self__
+    with torch.no_grad():
+        for layer in pruner.layers.values():
+            layer.B.normal_()
+            layer.c.uniform_(0.5, 1.5)
+    u = {n: layer.component_importance(pruner.eps).clone() for n, layer in pruner.layers.items()}
+    assert all(bool((v > 0).all()) for v in u.values())
+    pruner.update_scores()
+    pruner.update_scores()
+    for n, v in u.items():  # S = 0 -> 0.1 u -> 0.9 * 0.1 u + 0.1 u
+        torch.testing.assert_close(pruner.scores[n], 0.1 * v * 1.9)

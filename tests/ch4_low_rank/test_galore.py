@@ -161,3 +161,21 @@ def test_errors() -> None:
         apply_galore(tiny_gpt(), targets=("q_proj",))
     with pytest.raises(ValueError, match="2-D parameters only"):
         GaLoreAdamW([torch.zeros(5, requires_grad=True)], rank=2)
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_alpha_scales_the_update_and_weight_decay_is_decoupled(shape: tuple[int, int]) -> None:
+    """Identity projector, full rank: W <- W (1 - lr wd) - lr alpha N, which is AdamW at lr alpha, wd / alpha."""
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    ours, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
+    lr, alpha, wd = 1e-2, 0.25, 0.5
+    opt = IdentityGaLore([{"params": [ours], "rank": min(shape)}], lr=lr, betas=(0.9, 0.95), alpha=alpha,
+                         weight_decay=wd, update_every=2)
+    adamw = torch.optim.AdamW([ref], lr=lr * alpha, betas=(0.9, 0.95), weight_decay=wd / alpha)
+    for step in range(6):
+        random_grads([ours], step)
+        random_grads([ref], step)
+        opt.step()
+        adamw.step()
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)

@@ -104,3 +104,10 @@ def test_bad_input() -> None:
         MELoRALinear(lin, alpha=0.0)
     with pytest.raises(ValueError, match="unknown target"):
         apply_melora(tiny_gpt(), targets=("q_proj",))
+
+
+def test_scale_is_alpha_over_r_of_one_mini_lora_not_of_the_whole_block() -> None:
+    layer = random_layer(n=4, r=2)  # alpha = 4
+    assert layer.scale == 4.0 / 2
+    A, B = layer.A.detach(), layer.B.detach()
+    torch.testing.assert_close(layer.delta_weight()[:48, :16], (4.0 / 2) * B[0] @ A[0], atol=1e-6, rtol=1e-5)
