@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:  make run   (the leaderboard)   and   make test   (tests + notebooks)
 # Variables (README "Install"): PY builds the venv; VENV="$CONDA_PREFIX" (or any existing environment) uses that
-# environment instead of creating .venv; TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU
+# environment instead of creating .venv; TORCH_INDEX=<PyTorch's CPU wheel index URL> installs the CPU
 # wheel of torch first (on Linux the default PyPI wheel is the multi-GB CUDA build); ARGS goes to `make pretrain`.
 PY ?= python3
 VENV ?= .venv
