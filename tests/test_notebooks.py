@@ -48,7 +48,7 @@ def test_cells_printing_training_digits_are_not_compared(nb):
         src = "".join(c["source"])
         if RUN.search(src) and DECIMALS.search(text_outputs(c)):
             bad.append(f"cell {i}: {DECIMALS.search(text_outputs(c)).group(0)}")
-    assert not bad, f"{nb.name}: compared cells print digits of a run; mark them NBVAL_IGNORE_OUTPUT and claim(...): {bad}"
+    assert not bad, f"{nb.name}: compared cells print digits of a run; ignore their output and claim(...): {bad}"
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
