@@ -104,3 +104,24 @@ def effective_params(model: nn.Module, reference: nn.Module) -> dict[str, torch.
         module, attr = name.rsplit(".", 1)
         out[name] = getattr(model.get_submodule(module), attr).detach().clone()
     return out
+
+
+def check_passes(name: str, answer, capsys) -> str:
+    """An exercise checker accepts `answer`; returns what it printed."""
+    from chapters.exercises import check
+
+    ok = check(name, answer)
+    out = capsys.readouterr().out
+    assert ok, out
+    return out
+
+
+def check_fails(name: str, answer, capsys, match: str = "") -> str:
+    """An exercise checker rejects `answer` with a 'not yet' message containing `match`."""
+    from chapters.exercises import check
+
+    ok = check(name, answer)
+    out = capsys.readouterr().out
+    assert not ok and "not yet" in out, out
+    assert match in out, out
+    return out

@@ -4,19 +4,8 @@ import torch
 
 from chapters.exercises import check
 from minimal.tokenizer import merge_pair
-
-
-def passes(name, answer, capsys):
-    ok = check(name, answer)
-    out = capsys.readouterr().out
-    assert ok, out
-
-
-def fails(name, answer, capsys, match=""):
-    ok = check(name, answer)
-    out = capsys.readouterr().out
-    assert not ok and "not yet" in out, out
-    assert match in out, out
+from tests.helpers import check_fails as fails
+from tests.helpers import check_passes as passes
 
 
 def stub(*args):

@@ -3,19 +3,8 @@
 from chapters.ch1_introduction import cost_model as cm
 from chapters.exercises import check
 from minimal.tokenizer import get_tokenizer, special_id
-
-
-def passes(name, answer, capsys):
-    ok = check(name, answer)
-    out = capsys.readouterr().out
-    assert ok, out
-
-
-def fails(name, answer, capsys, match=""):
-    ok = check(name, answer)
-    out = capsys.readouterr().out
-    assert not ok and "not yet" in out, out
-    assert match in out, out
+from tests.helpers import check_fails as fails
+from tests.helpers import check_passes as passes
 
 
 def stub(*args):

@@ -4,22 +4,8 @@ import pytest
 import torch
 
 from chapters.exercises import check
-
-
-def passes(name, answer, capsys):
-    ok = check(name, answer)
-    out = capsys.readouterr().out
-    assert ok, out
-    return out
-
-
-def fails(name, answer, capsys, match=""):
-    ok = check(name, answer)
-    out = capsys.readouterr().out
-    assert not ok and "not yet" in out, out
-    assert match in out, out
-    return out
-
+from tests.helpers import check_fails as fails
+from tests.helpers import check_passes as passes
 
 # ---------------------------------------------------------------------------- BitFit count
 

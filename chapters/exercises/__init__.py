@@ -65,6 +65,27 @@ def check(name: str, answer: Any) -> bool:
     return True
 
 
+def tiny_gpt(shape: tuple[int, int, int], seed: int = 0, block_size: int = 16):
+    """A small random GPT of the given (n_layer, n_embd, n_head), the same for the same seed."""
+    import torch
+
+    from minimal.gpt import GPT, GPTConfig
+
+    n_layer, n_embd, n_head = shape
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=40, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+
+
+def run(fn: Callable[..., Any], *args: Any, what: str) -> Any:
+    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
+    try:
+        return fn(*args)
+    except (NotImplementedError, Mismatch):
+        raise
+    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
+        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
+
+
 def close(got: Any, want: Any, what: str, atol: float = 1e-5, rtol: float = 1e-4) -> None:
     """Raise Mismatch unless two tensors (or numbers) agree; the message names `what` and the largest gap."""
     import torch

@@ -7,18 +7,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from chapters.exercises import Mismatch, checker, equal
-
-
-def run(fn: Callable, *args: Any, what: str) -> Any:
-    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, Mismatch):
-        raise
-    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
-        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
-
+from chapters.exercises import Mismatch, checker, equal, run
 
 # ----------------------------------------------------------------------------------- memory prediction
 

@@ -11,29 +11,10 @@ from typing import Any
 
 import torch
 
-from chapters.exercises import Mismatch, checker, close
+from chapters.exercises import Mismatch, checker, close, run, tiny_gpt
 
 # (n_layer, n_embd, n_head) of the small random GPTs the checkers build
 SHAPES = ((2, 16, 2), (3, 24, 4), (1, 8, 1))
-
-
-def tiny_gpt(shape: tuple[int, int, int], seed: int = 0):
-    """A small random GPT of the given (n_layer, n_embd, n_head), the same for the same seed."""
-    from minimal.gpt import GPT, GPTConfig
-
-    n_layer, n_embd, n_head = shape
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-
-
-def run(fn: Callable, *args: Any, what: str) -> Any:
-    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, Mismatch):
-        raise
-    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
-        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
 
 
 def as_tensor(x: Any, what: str) -> torch.Tensor:

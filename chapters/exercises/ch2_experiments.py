@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from chapters.exercises import Mismatch, checker, close, equal
-from chapters.exercises.ch2 import SHAPES, run, tiny_gpt
+from chapters.exercises import Mismatch, checker, close, equal, run, tiny_gpt
+from chapters.exercises.ch2 import SHAPES
 
 
 def predicted_int(answer: Any, what: str) -> int:

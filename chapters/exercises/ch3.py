@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from chapters.exercises import Mismatch, checker, equal
+from chapters.exercises import Mismatch, checker, equal, run, tiny_gpt
 
 # (n_layer, n_embd, n_head) of the small random GPTs the checkers build
 SHAPES = ((2, 16, 2), (3, 24, 4), (1, 8, 1))
@@ -23,25 +23,6 @@ def predicted(answer: Any) -> int:
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise Mismatch(f"the answer should be an int (a number of entries), got {answer!r}")
     return answer
-
-
-def tiny_gpt(shape: tuple[int, int, int], seed: int = 0):
-    """A small random GPT of the given (n_layer, n_embd, n_head), the same for the same seed."""
-    from minimal.gpt import GPT, GPTConfig
-
-    n_layer, n_embd, n_head = shape
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=40, block_size=12, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-
-
-def run(fn: Callable, *args: Any, what: str) -> Any:
-    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, Mismatch):
-        raise
-    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
-        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------- BitFit
@@ -80,10 +61,10 @@ def check_bitfit_masks(bitfit_masks: Callable[[torch.nn.Module, str], dict[str, 
     """bitfit_masks(model, variant): True on exactly the entries the library's BitFit `variant` trains."""
     for shape in SHAPES:
         for variant in ("all", "subset"):
-            model = tiny_gpt(shape)
+            model = tiny_gpt(shape, block_size=12)
             params = dict(model.named_parameters())
             got = run(bitfit_masks, model, variant, what=f"bitfit_masks(model, {variant!r})")
-            want = library_bitfit_masks(tiny_gpt(shape), variant)
+            want = library_bitfit_masks(tiny_gpt(shape, block_size=12), variant)
             if not isinstance(got, dict):
                 raise Mismatch(f"expected a dict name -> bool mask, got {type(got).__name__}")
             unknown = sorted(n for n in got if n not in params)
@@ -198,7 +179,7 @@ def check_masked_step(step: Callable[..., None]) -> None:
         run(step, model, masks, theta0, opt, what="step(model, masks, theta0, optimizer)")
 
     for i, shape in enumerate(SHAPES):
-        mine, lib = tiny_gpt(shape, seed=i), tiny_gpt(shape, seed=i)
+        mine, lib = tiny_gpt(shape, seed=i, block_size=12), tiny_gpt(shape, seed=i, block_size=12)
         masks = random_masks(mine, seed=i)
         params = dict(mine.named_parameters())
         theta0 = {n: params[n].detach().clone() for n in masks}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from chapters.exercises import Mismatch, checker, close, equal
+from chapters.exercises import Mismatch, checker, close, equal, run
 
 ALL = ("c_attn", "c_proj", "c_fc")  # every linear layer of a block ("c_proj": attn and mlp)
 
@@ -27,16 +27,6 @@ def predicted(answer: Any, kind: type = int) -> Any:
     if kind is int and (isinstance(answer, bool) or not isinstance(answer, int)):
         raise Mismatch(f"the answer should be an int, got {answer!r}")
     return answer
-
-
-def run(fn: Callable, *args: Any, what: str) -> Any:
-    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, Mismatch):
-        raise
-    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
-        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
 
 
 def as_pair(got: Any, what: str) -> tuple[Any, Any]:

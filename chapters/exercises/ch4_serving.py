@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from chapters.exercises import Mismatch, checker, close
+from chapters.exercises import Mismatch, checker, close, run
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # every block linear: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 
@@ -25,16 +25,6 @@ def predicted(answer: Any) -> int:
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise Mismatch(f"the answer should be an int (a number of entries), got {answer!r}")
     return answer
-
-
-def run(fn: Callable, *args: Any, what: str) -> Any:
-    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, Mismatch):
-        raise
-    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
-        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
 
 
 def tensor(got: Any, what: str) -> torch.Tensor:

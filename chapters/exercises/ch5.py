@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from chapters.exercises import Mismatch, checker, close, equal
+from chapters.exercises import Mismatch, checker, close, equal, run
 
 # The hand example of the one-vs-rest AUC exercise: 6 rows, 3 classes, one tie (0.6 in the third column).
 OVR_LABELS = [0, 1, 2, 0, 1, 2]
@@ -22,16 +22,6 @@ OVR_PROBA = [[0.6, 0.3, 0.1],
              [0.3, 0.1, 0.6],
              [0.4, 0.4, 0.2],
              [0.2, 0.2, 0.6]]
-
-
-def run(fn: Callable, *args: Any, what: str) -> Any:
-    """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, Mismatch):
-        raise
-    except Exception as err:  # noqa: BLE001 - report any crash of the student's code as what differs
-        raise Mismatch(f"{what} raised {type(err).__name__}: {err}") from err
 
 
 def as_number(answer: Any, what: str) -> float:
