@@ -32,7 +32,9 @@ from chapters.registry import METHODS, Method, get_method
 from minimal.data import Task, evaluation_subset, get_task, task_batch
 from minimal.peft import count_trainable
 from minimal.pretrained import load_base, record
-from minimal.train import Hooks, TrainConfig, evaluate_task, train
+from minimal.evaluate import evaluate_task
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, PARTIAL = ROOT / "results", ROOT / "runs" / "leaderboard"

@@ -42,7 +42,7 @@ from chapters.ch4_low_rank import (
     sora,
     unified_view,
 )
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """The small toolkit every PEFT method in this repo is built from.
 
-- `freeze` / `unfreeze`: choose what trains (requires_grad), nothing else.
+- `freeze` / `unfreeze`: choose what trains (requires_grad), nothing else. `freeze_base`: what every
+  `apply_*` calls once it has validated its arguments: the first method applied to a model freezes all
+  of it; a second method stacked on top keeps what the first one trains.
 - `find_linears` / `inject`: replace `nn.Linear` layers chosen by name with a module built from them
-  (LoRA, IA3, DoRA, ... wrap the layer they replace). Name matching follows Hugging Face `peft`:
+  (LoRA, IA3, DoRA, ... wrap the layer they replace). `inject` is atomic: it builds every new module
+  (which validates the arguments against each layer) before it changes anything, so a failed call
+  leaves the model as it was. Name matching follows Hugging Face `peft`:
   a string target is a regular expression that must match the whole module name; a list target
   matches a name equal to an entry or ending with "." + entry (so "c_proj" hits attn.c_proj and
   mlp.c_proj). A target that matches nothing is an error that lists the names that exist.
@@ -26,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +44,22 @@ def freeze(model: nn.Module) -> nn.Module:
     """Set requires_grad=False on every parameter."""
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+APPLIED = "peft_methods_applied"  # attribute set on a model by freeze_base: how many methods it carries
+
+
+def freeze_base(model: nn.Module) -> nn.Module:
+    """Freeze `model` for the method being applied; keep the trainables of a method applied before it.
+
+    Call it after every argument has been validated and before the first change to the model, so that a
+    failed apply leaves the model untouched. Stacking (a second method on the same model) then keeps the
+    first method's parameters trainable instead of silently re-freezing them.
+    """
+    if not getattr(model, APPLIED, 0):
+        freeze(model)
+    setattr(model, APPLIED, getattr(model, APPLIED, 0) + 1)
     return model
 
 
@@ -83,6 +102,11 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def find_linears(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Names of the nn.Linear modules selected by `targets` (see the module docstring for the rule)."""
+    conv1d = next((n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"), None)
+    if conv1d is not None:  # transformers' GPT-2 stores its projections as Conv1D ([in, out] weights)
+        raise TypeError(f"{type(model).__name__} has transformers Conv1D layers ({conv1d}, ...), which the "
+                        "methods here do not wrap; convert the model to our GPT with nn.Linear layers first: "
+                        "chapters.ch5_applications.interop.from_hf(model)")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if isinstance(targets, str):
         chosen = [n for n in linears if re.fullmatch(targets, n)]
@@ -128,12 +152,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def inject(
-    model: nn.Module, targets: str | Iterable[str], factory: Callable[[nn.Linear], nn.Module]
+    model: nn.Module, targets: str | Iterable[str], factory: Callable[[nn.Linear], nn.Module], freeze: bool = True
 ) -> list[str]:
-    """Replace each selected nn.Linear by factory(linear); return the names that were replaced."""
+    """Replace each selected nn.Linear by factory(linear); return the names that were replaced.
+
+    Atomic: all the new modules are built first (a factory that raises, say for a rank too large for one
+    of the layers, leaves the model unchanged); then `freeze_base(model)` unless freeze=False; then the
+    new modules go in. The factory must not modify the linear it is given.
+    """
     names = find_linears(model, targets)
-    for name in names:
-        replace_module(model, name, factory(model.get_submodule(name)))
+    built = [(name, factory(model.get_submodule(name))) for name in names]
+    if freeze:
+        freeze_base(model)
+    for name, module in built:
+        replace_module(model, name, module)
     return names
 
 
@@ -229,6 +261,8 @@ def save_adapter(
     state = adapter_state_dict(model, extra)
     if not state:
         raise ValueError("save_adapter: the model has no trainable parameter; nothing to save")
+    from safetensors.torch import save_file  # imported here: the rest of this file needs torch only
+
     save_file(state, str(directory / ADAPTER_WEIGHTS))
     modules = dict(model.named_modules())
     record = {"config": config, "shapes": {n: list(t.shape) for n, t in state.items()},
@@ -281,6 +315,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict:
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    from safetensors.torch import load_file
+
     state = load_file(str(path))
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     modules = dict(model.named_modules())

@@ -34,7 +34,8 @@ from minimal.data import get_corpus, lm_batch
 from minimal.gpt import GPT, GPTConfig
 from minimal.pretrained import DATA
 from minimal.tokenizer import DEFAULT_PATH, get_tokenizer, make_encoding, save_ranks, train_bpe
-from minimal.train import TrainConfig, perplexity, train
+from minimal.evaluate import perplexity
+from minimal.train import TrainConfig, train
 
 CONFIGS = {
     "base": GPTConfig(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=128),

@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize
 
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool mask of the parameter's shape
 

@@ -1,14 +1,15 @@
-"""One training loop for pretraining and fine-tuning, plus evaluation.
+"""One training loop for pretraining and fine-tuning.
 
 The loop: AdamW over the parameters that require grad, linear warmup then cosine decay to `min_lr`,
 gradient clipping, periodic evaluation, and a history of losses and metrics. Methods plug in through
-`Hooks` instead of copying the loop:
+`Hooks` (minimal/hooks.py) instead of copying the loop:
 
+    optimizer = hooks.make_optimizer(params, cfg) or AdamW;  hooks.setup(model, cfg, optimizer)
     loss = model(idx, labels=labels).loss + hooks.extra_loss(model)      # e.g. an L1 or orthogonality term
     loss.backward();  hooks.after_backward(model, step)                  # e.g. gradient masks
     clip;  optimizer.step();  hooks.step_end(model, step, optimizer)     # e.g. pruning, merges, restarts
 
-and `hooks.make_optimizer(params)` replaces AdamW (e.g. GaLore). The result reports the trainable
+Evaluation (perplexity, task metrics) is in minimal/evaluate.py. The result reports the trainable
 parameter count, seconds per step, and peak memory: on CUDA the allocator's peak, on CPU the largest, over
 the steps, of the bytes of parameters, gradients and optimizer state counted from the tensors themselves
 (taken right after each optimizer step, so a method that shrinks its state later, like a ReLoRA reset
@@ -29,9 +30,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from minimal.data import Task, encode_prompt, evaluation_subset, get_tokenizer
+from minimal.hooks import Hooks
 from minimal.peft import count_trainable
-from minimal.tokenizer import special_id
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # idx [B, T], labels [B, T]
 
@@ -66,19 +66,6 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.warmup <= self.steps:
             raise ValueError(f"warmup must be in [0, steps], got {self.warmup}")
-
-
-@dataclass
-class Hooks:
-    """What a method may add to the loop. Every field is optional."""
-
-    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
-    after_backward: Callable[[nn.Module, int], None] | None = None
-    step_end: Callable[[nn.Module, int, torch.optim.Optimizer], None] | None = None
-    make_optimizer: Callable[[list[nn.Parameter], TrainConfig], torch.optim.Optimizer] | None = None
-    # entries actually updated, for methods that mask gradients of whole tensors (FISH-DIP, ...):
-    # requires_grad would count every entry of those tensors
-    n_trainable: int | None = None
 
 
 @dataclass
@@ -148,7 +135,8 @@ def train(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    optimizer = (hooks.make_optimizer or default_optimizer)(params, cfg)
+    optimizer = hooks.make_optimizer(params, cfg) or default_optimizer(params, cfg)
+    hooks.setup(model, cfg, optimizer)
     counts = count_trainable(model)
     result = TrainResult(trainable=hooks.n_trainable or counts.trainable, total=counts.total)
     if device.type == "cuda":
@@ -162,14 +150,14 @@ def train(
             group["lr"] = lr * group.get("lr_scale", 1.0)
         idx, labels = (t.to(device) for t in get_batch(gen))
         loss = model(idx, labels=labels).loss
-        if hooks.extra_loss is not None:
-            loss = loss + hooks.extra_loss(model)
+        extra = hooks.extra_loss(model)
+        if extra is not None:
+            loss = loss + extra
         if not math.isfinite(loss.item()):  # before backward and step: a bad loss never reaches the weights
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if hooks.after_backward is not None:
-            hooks.after_backward(model, step)
+        hooks.after_backward(model, step)
         grads = [p.grad for p in params if p.grad is not None]
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -181,8 +169,7 @@ def train(
         optimizer.step()
         if device.type != "cuda":  # the CPU peak: parameters, gradients and state right after the step
             result.peak_memory_bytes = max(result.peak_memory_bytes, tensor_bytes(model, optimizer))
-        if hooks.step_end is not None:
-            hooks.step_end(model, step, optimizer)
+        hooks.step_end(model, step, optimizer)
         result.history.append({"step": step, "loss": loss.item(), "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -199,77 +186,3 @@ def train(
         result.evals.append({"step": cfg.steps, **eval_fn(model)})
     model.eval()
     return result
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, block_size: int, max_windows: int = 64) -> float:
-    """exp(mean next-token loss) over consecutive non-overlapping windows of the token stream."""
-    model.eval()
-    device = next(model.parameters()).device
-    n = min(max_windows, (len(tokens) - 1) // block_size)
-    if n < 1:
-        raise ValueError(f"need more than {block_size} tokens for perplexity, got {len(tokens)}")
-    windows = tokens[: n * block_size].view(n, block_size).to(device)  # [n, T]
-    losses = [model(w, labels=w).loss for w in windows.split(16)]
-    weights = [len(w) for w in windows.split(16)]
-    return math.exp(sum(loss.item() * k for loss, k in zip(losses, weights)) / sum(weights))
-
-
-@torch.no_grad()
-def choice_logprobs(model: nn.Module, prompts: list[str], choices: list[str], block_size: int) -> torch.Tensor:
-    """Log-probability of each choice (its tokens plus <|endoftext|>) after each prompt: [len(prompts), C]."""
-    from minimal.data import Example, collate
-
-    model.eval()
-    device = next(model.parameters()).device
-    scores = torch.empty(len(prompts), len(choices))
-    for i, prompt in enumerate(prompts):
-        idx, labels = collate([Example(prompt, c) for c in choices], block_size)  # [C, T]
-        idx, labels = idx.to(device), labels.to(device)
-        logp = model(idx).logits[:, :-1].log_softmax(-1)  # [C, T-1, V]
-        target = labels[:, 1:]  # [C, T-1]
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [C, T-1]
-        scores[i] = (picked * (target != -100)).sum(-1).cpu()
-    return scores
-
-
-@torch.no_grad()
-def greedy_answers(model: nn.Module, prompts: list[str], block_size: int, max_new_tokens: int = 24) -> list[str]:
-    """Greedy decoding of each prompt's answer, up to <|endoftext|>. Prompts of equal length share a batch."""
-    enc = get_tokenizer()
-    eot = special_id(enc, "<|endoftext|>")
-    model.eval()
-    device = next(model.parameters()).device
-    encoded = [encode_prompt(p)[-(block_size - max_new_tokens):] for p in prompts]
-    answers: list[str] = [""] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    for rows in by_len.values():
-        idx = torch.tensor([encoded[i] for i in rows], device=device)  # [b, T]
-        out = model.generate(idx, max_new_tokens, temperature=0.0, stop_token=eot)[:, idx.shape[1]:]
-        for i, toks in zip(rows, out.tolist()):
-            toks = toks[: toks.index(eot)] if eot in toks else toks
-            answers[i] = enc.decode(toks)
-    return answers
-
-
-def evaluate_task(model: nn.Module, task: Task, split: str = "test", max_examples: int | None = None,
-                  block_size: int | None = None) -> dict[str, float]:
-    """{'accuracy': ...} for classification (best-scoring choice), {'exact_match': ...} for generation.
-
-    With max_examples=n the score rests on n examples evenly spaced over the split (`evaluation_subset`).
-    """
-    block_size = block_size or model.config.block_size
-    data = evaluation_subset(task.splits.get(split, []), max_examples)
-    if not data:
-        raise ValueError(f"task {task.name!r} has no {split} examples")
-    prompts = [ex.prompt for ex in data]
-    if task.kind == "classify":
-        pred = choice_logprobs(model, prompts, task.choices, block_size).argmax(-1).tolist()
-        return {"accuracy": sum(task.choices[p] == ex.answer for p, ex in zip(pred, data)) / len(data)}
-    answers = greedy_answers(model, prompts, block_size)
-    return {"exact_match": sum(a.strip() == ex.answer for a, ex in zip(answers, data)) / len(data)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from minimal.gpt import GPT
 from minimal.peft import freeze, unfreeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 def apply_zero_shot(model: GPT) -> Hooks:

@@ -13,7 +13,7 @@ The prompt is the task's own format (minimal/data.py) repeated, then the query:
 
     p_1<|answer|>a_1<|endoftext|> p_2<|answer|>a_2<|endoftext|> ... p_k<|answer|>a_k<|endoftext|> x<|answer|>
 
-(without the spaces), so the scoring and decoding of `minimal.train.evaluate_task` apply unchanged: the
+(without the spaces), so the scoring and decoding of `minimal.evaluate.evaluate_task` apply unchanged: the
 k-shot prompt simply replaces the query's prompt.
 
 Choices made here:
@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from minimal.data import Example, Task, encode_prompt, evaluation_subset
 from minimal.tokenizer import get_tokenizer
-from minimal.train import evaluate_task, greedy_answers
+from minimal.evaluate import evaluate_task, greedy_answers
 
 # greedy_answers keeps room for this many new tokens after the prompt; a generation query must leave it free
 GENERATE_BUDGET = inspect.signature(greedy_answers).parameters["max_new_tokens"].default

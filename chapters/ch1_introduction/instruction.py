@@ -124,7 +124,7 @@ def _templates(task: Task, template_ids: list[int] | None, inverted: bool) -> li
 def instruct_task(task: Task, template_ids: list[int] | None = None, seed: int = 0) -> Task:
     """The task with every split rendered through its templates (inverted ones left out).
 
-    Kind and choices are kept, so `minimal.train.evaluate_task` scores the instruction-formatted task.
+    Kind and choices are kept, so `minimal.evaluate.evaluate_task` scores the instruction-formatted task.
     """
     templates = _templates(task, template_ids, inverted=False)
     rng = random.Random(f"{seed}-{task.name}")

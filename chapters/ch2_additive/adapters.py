@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from minimal.gpt import GPT
 from minimal.peft import freeze, unfreeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 PLACEMENTS = {"houlsby": ("attn_out", "mlp_out"), "pfeiffer": ("mlp_out",)}
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}

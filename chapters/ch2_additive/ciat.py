@@ -51,7 +51,8 @@ import torch.nn as nn
 
 from minimal.gpt import GPT
 from minimal.peft import freeze
-from minimal.train import Batch, Hooks, TrainConfig, train
+from minimal.hooks import Hooks
+from minimal.train import Batch, TrainConfig, train
 
 INITS = ("zero", "xavier")
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from minimal.gpt import GPT
 from minimal.peft import Mergeable, freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 ATTN_SCOPES = ("kv", "qkv")
 

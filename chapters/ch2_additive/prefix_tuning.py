@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from minimal.gpt import GPT, KV
 from minimal.peft import freeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 class PrefixEncoder(nn.Module):

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from minimal.gpt import GPT, GPTOutput
 from minimal.peft import freeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 INITS = ("random", "vocab", "text")
 

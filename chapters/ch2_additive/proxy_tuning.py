@@ -18,7 +18,7 @@ What trains: nothing here (0 parameters of the big model). The expert is the ant
 task with any method, before proxy-tuning.
 
 Choices:
-- `ProxyTuned` is an nn.Module that looks like a GPT to `minimal.train.evaluate_task` and `perplexity`:
+- `ProxyTuned` is an nn.Module that looks like a GPT to `minimal.evaluate.evaluate_task` and `perplexity`:
   forward(idx, labels=None) -> GPTOutput whose `.logits` are z (log-probabilities, not renormalised),
   generate(...) with the same arguments as GPT.generate, `config` (the base model's), parameters();
 - temperature and top-k are applied after combining (greedy = temperature 0); each model keeps its own

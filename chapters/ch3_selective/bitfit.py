@@ -34,7 +34,7 @@ import torch.nn as nn
 from minimal.gpt import GPT
 from minimal.peft import freeze, unfreeze
 from minimal.sparse import add_sparse_deltas
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 VARIANTS = ("all", "subset")
 

@@ -42,7 +42,8 @@ import torch
 from minimal.data import Task, collate
 from minimal.gpt import GPT
 from minimal.sparse import GradMask, Masks, budget, sum_batch_gradients, topk_mask
-from minimal.train import Batch, Hooks
+from minimal.hooks import Hooks
+from minimal.train import Batch
 
 
 def _unfreeze_all(model: GPT) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from minimal.gpt import GPT
 from minimal.peft import freeze, unfreeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 def apply_freeze_layers(model: GPT, k: int = 2, train_ln_f: bool = True) -> Hooks:

@@ -111,7 +111,7 @@ def suite_table(model, tasks: dict[str, list[str]] | None = None, max_examples: 
     """Score a model on the classification tasks of the suite with GLUE-style metrics (binary metrics use the
     task's last choice as the positive class: "good" for sentiment)."""
     from minimal.data import evaluation_subset, get_task
-    from minimal.train import choice_logprobs
+    from minimal.evaluate import choice_logprobs
 
     results = {}
     for name, metrics in (tasks or SUITE).items():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from minimal.gpt import GPT
 from minimal.peft import Mergeable, freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # "c_proj" matches attn.c_proj and mlp.c_proj
 

@@ -48,7 +48,8 @@ from minimal.data import Task, task_batch
 from minimal.gpt import GPT
 from minimal.peft import freeze
 from minimal.sparse import Masks, add_sparse_deltas, budget, mask_overlap, sparse_deltas, topk_mask
-from minimal.train import Batch, Hooks, TrainConfig, train
+from minimal.hooks import Hooks
+from minimal.train import Batch, TrainConfig, train
 
 State = dict[str, torch.Tensor]  # parameter name -> tensor
 

@@ -51,7 +51,7 @@ from torch.nn.utils import parametrize
 from minimal.gpt import GPT
 from minimal.peft import freeze
 from minimal.sparse import Masks, add_sparse_deltas, budget, sparse_deltas
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 # ------------------------------------------------------------------------------------------ PaFi
 

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import check_rank
 from minimal.peft import Mergeable, freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 class SVDLinear(Mergeable):

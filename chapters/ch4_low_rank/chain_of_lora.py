@@ -36,7 +36,8 @@ import torch.nn as nn
 from chapters.ch4_low_rank.lora import apply_lora
 from chapters.ch4_low_rank.relora import jagged_cosine_lr, lora_layers, merge_and_reinit
 from minimal.gpt import GPT
-from minimal.train import Hooks, TrainConfig, default_optimizer, lr_at
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, default_optimizer, lr_at
 
 
 def knot_steps(total_steps: int, links: int) -> list[int]:

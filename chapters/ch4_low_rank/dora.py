@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from chapters.ch4_low_rank.lora import LoRALinear
 from minimal.peft import freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 class DoRALinear(LoRALinear):

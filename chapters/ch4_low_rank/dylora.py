@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear
 from minimal.peft import freeze, inject, mergeable_modules
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 class DyLoRALinear(LoRALinear):

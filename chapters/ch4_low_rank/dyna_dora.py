@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from minimal.peft import Mergeable, freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 class ComponentLinear(Mergeable):

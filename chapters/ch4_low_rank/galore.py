@@ -41,7 +41,8 @@ import torch.nn as nn
 
 from minimal.gpt import GPT
 from minimal.peft import find_linears
-from minimal.train import Hooks, TrainConfig
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig
 
 
 def project(grad: torch.Tensor, side: str, P: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from torch.func import functional_call
 
 from minimal.gpt import GPT, GPTConfig, GPTOutput
 from minimal.peft import freeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 PROJECTIONS = ("fastfood", "dense")
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from minimal.peft import Mergeable, find_linears, freeze, replace_module
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 def closest_divisor(n: int, target: float) -> int:

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
-from minimal.train import Hooks, TrainConfig, default_optimizer
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, default_optimizer
 
 ALWAYS_TRAINED = ("wte.", "wpe.", "ln_f.")
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from minimal.peft import Mergeable, freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from minimal.peft import Mergeable, find_linears, freeze, replace_module
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 
 class MELoRALinear(Mergeable):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from minimal.gpt import GPT
 from minimal.peft import Mergeable, find_linears, freeze, replace_module
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 KINDS = ("truncation", "sharing", "reshaping", "rotation")
 
@@ -164,7 +164,8 @@ def recall_experiment(
     LoRA entry for the comparison). Returns {name: {"accuracy", "trainable", "final_loss"}}.
     """
     from minimal.data import get_task, task_batch
-    from minimal.train import TrainConfig, evaluate_task, train
+    from minimal.evaluate import evaluate_task
+    from minimal.train import TrainConfig, train
 
     task = get_task("kv_recall")
     methods = methods or {f"mora-{k}": (lambda m, k=k: apply_mora(m, r=r, kind=k)) for k in KINDS}

@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear
 from minimal.peft import freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 WHICH = ("principal", "minor", "middle", "random")
 

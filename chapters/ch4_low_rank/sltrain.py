@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from chapters.ch4_low_rank.lora import check_rank
 from minimal.gpt import GPT
 from minimal.peft import Mergeable, freeze, inject
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 MODES = ("finetune", "pretrain")
 

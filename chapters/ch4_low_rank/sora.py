@@ -46,7 +46,8 @@ import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear
 from minimal.peft import freeze, inject, mergeable_modules, replace_module
-from minimal.train import Hooks, TrainConfig, default_optimizer
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, default_optimizer
 
 
 def soft_threshold(z: torch.Tensor, xi: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from minimal.gpt import GPT, KV
 from minimal.peft import freeze
-from minimal.train import Hooks
+from minimal.hooks import Hooks
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": lambda: nn.GELU(approximate="tanh"), "identity": nn.Identity}
 PLACES = ("mlp", "attn")

@@ -7,7 +7,9 @@ from minimal.data import get_task
 from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, trainable_names
 from minimal.tokenizer import get_tokenizer
-from minimal.train import Hooks, TrainConfig, evaluate_task, train
+from minimal.evaluate import evaluate_task
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
 P = 5

@@ -13,7 +13,8 @@ from minimal.data import Example, Task
 from minimal.gpt import GPT
 from minimal.peft import count_trainable
 from minimal.sparse import mask_count
-from minimal.train import Hooks, TrainConfig, train
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, train
 from tests.helpers import tiny_config, tiny_gpt
 
 CFG = tiny_config(n_embd=32)

@@ -107,7 +107,7 @@ def test_evaluation_subset_is_evenly_spaced_covers_every_class_and_refuses_bad_s
 
 def test_evaluate_task_scores_the_evenly_spaced_subset():
     from minimal.data import Example, Task
-    from minimal.train import evaluate_task
+    from minimal.evaluate import evaluate_task
 
     class Fixed(torch.nn.Module):  # always prefers the first choice
         config = type("C", (), {"block_size": 32})()

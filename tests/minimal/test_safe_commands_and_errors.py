@@ -26,7 +26,8 @@ from minimal.data import (
 from minimal.peft import ADAPTER_CONFIG, find_linears, load_adapter, save_adapter
 from minimal.pretrained import DATA
 from minimal.tokenizer import special_id
-from minimal.train import Hooks, TrainConfig, train
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, train
 from tests.helpers import tiny_gpt, token_batch
 
 

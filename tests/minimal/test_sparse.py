@@ -18,7 +18,8 @@ from minimal.sparse import (
     sum_batch_gradients,
     topk_mask,
 )
-from minimal.train import Hooks, TrainConfig, train
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)
 

@@ -5,7 +5,9 @@ import torch
 
 from minimal.data import Example, Task
 from minimal.peft import freeze, unfreeze
-from minimal.train import Hooks, TrainConfig, evaluate_task, lr_at, perplexity, tensor_bytes, train
+from minimal.evaluate import evaluate_task, perplexity
+from minimal.hooks import Hooks
+from minimal.train import TrainConfig, lr_at, tensor_bytes, train
 
 
 def fixed_batch(vocab: int = 101):
