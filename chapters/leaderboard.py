@@ -30,10 +30,10 @@ import torch.nn as nn
 
 from chapters.registry import METHODS, Method, get_method
 from minimal.data import Task, evaluation_subset, get_task, task_batch
-from minimal.peft import count_trainable
-from minimal.pretrained import load_base, record
 from minimal.evaluate import evaluate_task
 from minimal.hooks import Hooks
+from minimal.peft import count_trainable
+from minimal.pretrained import load_base, record
 from minimal.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,10 +31,10 @@ import torch
 from safetensors.torch import save_file
 
 from minimal.data import get_corpus, lm_batch
+from minimal.evaluate import perplexity
 from minimal.gpt import GPT, GPTConfig
 from minimal.pretrained import DATA
 from minimal.tokenizer import DEFAULT_PATH, get_tokenizer, make_encoding, save_ranks, train_bpe
-from minimal.evaluate import perplexity
 from minimal.train import TrainConfig, train
 
 CONFIGS = {

@@ -11,8 +11,8 @@ Each `apply_*` takes a GPT, sets what trains, and returns the loop hooks (none a
 from __future__ import annotations
 
 from minimal.gpt import GPT
-from minimal.peft import freeze, unfreeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze, unfreeze
 
 
 def apply_zero_shot(model: GPT) -> Hooks:

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from minimal.data import Example, Task, encode_prompt, evaluation_subset
-from minimal.tokenizer import get_tokenizer
 from minimal.evaluate import evaluate_task, greedy_answers
+from minimal.tokenizer import get_tokenizer
 
 # greedy_answers keeps room for this many new tokens after the prompt; a generation query must leave it free
 GENERATE_BUDGET = inspect.signature(greedy_answers).parameters["max_new_tokens"].default

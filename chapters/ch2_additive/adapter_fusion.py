@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from chapters.ch2_additive.adapters import Adapter, apply_pfeiffer, remove_adapters
 from minimal.gpt import GPT
-from minimal.peft import freeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze
 from minimal.train import Batch, TrainConfig, TrainResult, train
 
 AdapterSet = list[Adapter]  # one Pfeiffer adapter per layer, from stage 1

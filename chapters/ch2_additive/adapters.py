@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
-from minimal.peft import freeze, unfreeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze, unfreeze
 
 PLACEMENTS = {"houlsby": ("attn_out", "mlp_out"), "pfeiffer": ("mlp_out",)}
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}

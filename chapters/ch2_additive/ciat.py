@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
-from minimal.peft import freeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze
 from minimal.train import Batch, TrainConfig, train
 
 INITS = ("zero", "xavier")

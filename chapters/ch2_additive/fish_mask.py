@@ -38,9 +38,9 @@ import torch
 
 from minimal.data import Task, sample_examples
 from minimal.gpt import GPT
+from minimal.hooks import Hooks
 from minimal.peft import freeze
 from minimal.sparse import GradMask, Masks, add_sparse_deltas, budget, empirical_fisher, sparse_deltas, topk_mask
-from minimal.hooks import Hooks
 from minimal.train import Batch
 
 IMPLEMENTATIONS = ("delta", "grad_mask")

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
-from minimal.peft import Mergeable, freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, freeze, inject
 
 ATTN_SCOPES = ("kv", "qkv")
 

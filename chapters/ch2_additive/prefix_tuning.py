@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT, KV
-from minimal.peft import freeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze
 
 
 class PrefixEncoder(nn.Module):

@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT, GPTOutput
-from minimal.peft import freeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze
 
 INITS = ("random", "vocab", "text")
 

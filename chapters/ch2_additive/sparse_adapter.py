@@ -46,8 +46,8 @@ from torch.nn.utils import parametrize
 
 from chapters.ch2_additive.adapters import PLACEMENTS, Adapter, apply_adapters
 from minimal.gpt import GPT
-from minimal.sparse import Masks, topk_mask
 from minimal.hooks import Hooks
+from minimal.sparse import Masks, topk_mask
 from minimal.train import Batch
 
 CRITERIA = ("snip", "magnitude", "random")

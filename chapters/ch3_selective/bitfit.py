@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
+from minimal.hooks import Hooks
 from minimal.peft import freeze, unfreeze
 from minimal.sparse import add_sparse_deltas
-from minimal.hooks import Hooks
 
 VARIANTS = ("all", "subset")
 

@@ -41,8 +41,8 @@ import torch
 
 from minimal.data import Task, collate
 from minimal.gpt import GPT
-from minimal.sparse import GradMask, Masks, budget, sum_batch_gradients, topk_mask
 from minimal.hooks import Hooks
+from minimal.sparse import GradMask, Masks, budget, sum_batch_gradients, topk_mask
 from minimal.train import Batch
 
 

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from minimal.data import Task, sample_examples
 from minimal.gpt import GPT
-from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask
 from minimal.hooks import Hooks
+from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask
 from minimal.train import Batch
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from minimal.gpt import GPT
-from minimal.peft import freeze, unfreeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze, unfreeze
 
 
 def apply_freeze_layers(model: GPT, k: int = 2, train_ln_f: bool = True) -> Hooks:

@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimal.gpt import GPT
-from minimal.peft import Mergeable, freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, freeze, inject
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # "c_proj" matches attn.c_proj and mlp.c_proj
 

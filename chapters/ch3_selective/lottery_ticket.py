@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
-from minimal.sparse import GradMask, Masks, check_masks
 from minimal.hooks import Hooks
+from minimal.sparse import GradMask, Masks, check_masks
 from minimal.train import Batch, TrainConfig, train
 
 State = dict[str, torch.Tensor]

@@ -46,9 +46,9 @@ import torch.nn as nn
 
 from minimal.data import Task, task_batch
 from minimal.gpt import GPT
+from minimal.hooks import Hooks
 from minimal.peft import freeze
 from minimal.sparse import Masks, add_sparse_deltas, budget, mask_overlap, sparse_deltas, topk_mask
-from minimal.hooks import Hooks
 from minimal.train import Batch, TrainConfig, train
 
 State = dict[str, torch.Tensor]  # parameter name -> tensor

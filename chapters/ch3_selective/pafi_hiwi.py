@@ -49,9 +49,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from minimal.gpt import GPT
+from minimal.hooks import Hooks
 from minimal.peft import freeze
 from minimal.sparse import Masks, add_sparse_deltas, budget, sparse_deltas
-from minimal.hooks import Hooks
 
 # ------------------------------------------------------------------------------------------ PaFi
 

@@ -43,9 +43,9 @@ import torch.nn as nn
 
 from minimal.data import Task, collate
 from minimal.gpt import GPT
+from minimal.hooks import Hooks
 from minimal.peft import freeze
 from minimal.sparse import GradMask, Masks, add_sparse_deltas, sparse_deltas, sum_batch_gradients, topk_mask
-from minimal.hooks import Hooks
 from minimal.train import Batch
 
 IMPLEMENTATIONS = ("delta", "grad_mask")

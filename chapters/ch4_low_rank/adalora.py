@@ -55,8 +55,8 @@ import torch
 import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import check_rank
-from minimal.peft import Mergeable, freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, freeze, inject
 
 
 class SVDLinear(Mergeable):

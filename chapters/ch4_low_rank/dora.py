@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chapters.ch4_low_rank.lora import LoRALinear
-from minimal.peft import freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import freeze, inject
 
 
 class DoRALinear(LoRALinear):

@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear
-from minimal.peft import freeze, inject, mergeable_modules
 from minimal.hooks import Hooks
+from minimal.peft import freeze, inject, mergeable_modules
 
 
 class DyLoRALinear(LoRALinear):

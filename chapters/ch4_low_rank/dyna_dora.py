@@ -42,8 +42,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from minimal.peft import Mergeable, freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, freeze, inject
 
 
 class ComponentLinear(Mergeable):

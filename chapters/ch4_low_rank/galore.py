@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT
-from minimal.peft import find_linears
 from minimal.hooks import Hooks
+from minimal.peft import find_linears
 from minimal.train import TrainConfig
 
 

@@ -46,8 +46,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from minimal.gpt import GPT, GPTConfig, GPTOutput
-from minimal.peft import freeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze
 
 PROJECTIONS = ("fastfood", "dense")
 

@@ -45,8 +45,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, find_linears, freeze, replace_module
 
 
 def closest_divisor(n: int, target: float) -> int:

@@ -39,8 +39,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from minimal.peft import Mergeable, freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, freeze, inject
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:

@@ -31,8 +31,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, find_linears, freeze, replace_module
 
 
 class MELoRALinear(Mergeable):

@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimal.gpt import GPT
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, find_linears, freeze, replace_module
 
 KINDS = ("truncation", "sharing", "reshaping", "rotation")
 

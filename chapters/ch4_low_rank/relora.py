@@ -48,8 +48,8 @@ import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora
 from minimal.gpt import GPT
-from minimal.peft import unfreeze
 from minimal.hooks import Hooks
+from minimal.peft import unfreeze
 from minimal.train import TrainConfig, default_optimizer, lr_at
 
 PRUNE_MODES = ("magnitude", "random", "full")

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from chapters.ch4_low_rank.lora import check_rank
 from minimal.gpt import GPT
-from minimal.peft import Mergeable, freeze, inject
 from minimal.hooks import Hooks
+from minimal.peft import Mergeable, freeze, inject
 
 MODES = ("finetune", "pretrain")
 

@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear
-from minimal.peft import freeze, inject, mergeable_modules, replace_module
 from minimal.hooks import Hooks
+from minimal.peft import freeze, inject, mergeable_modules, replace_module
 from minimal.train import TrainConfig, default_optimizer
 
 

@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 
 from minimal.gpt import GPT, KV
-from minimal.peft import freeze
 from minimal.hooks import Hooks
+from minimal.peft import freeze
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": lambda: nn.GELU(approximate="tanh"), "identity": nn.Identity}
 PLACES = ("mlp", "attn")

@@ -4,11 +4,11 @@ import torch.nn.functional as F
 
 from chapters.ch2_additive.prompt_tuning import apply_prompt_tuning, nearest_tokens, remove_prompt_tuning
 from minimal.data import get_task
+from minimal.evaluate import evaluate_task
 from minimal.gpt import GPT, GPTConfig
+from minimal.hooks import Hooks
 from minimal.peft import count_trainable, trainable_names
 from minimal.tokenizer import get_tokenizer
-from minimal.evaluate import evaluate_task
-from minimal.hooks import Hooks
 from minimal.train import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)

@@ -11,9 +11,9 @@ from chapters.ch3_selective.fish_dip import (
 )
 from minimal.data import Example, Task
 from minimal.gpt import GPT
+from minimal.hooks import Hooks
 from minimal.peft import count_trainable
 from minimal.sparse import mask_count
-from minimal.hooks import Hooks
 from minimal.train import TrainConfig, train
 from tests.helpers import tiny_config, tiny_gpt
 

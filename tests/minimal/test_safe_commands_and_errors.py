@@ -23,10 +23,10 @@ from minimal.data import (
     get_tokenizer,
     task_batch,
 )
+from minimal.hooks import Hooks
 from minimal.peft import ADAPTER_CONFIG, find_linears, load_adapter, save_adapter
 from minimal.pretrained import DATA
 from minimal.tokenizer import special_id
-from minimal.hooks import Hooks
 from minimal.train import TrainConfig, train
 from tests.helpers import tiny_gpt, token_batch
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from minimal.gpt import GPT, GPTConfig
+from minimal.hooks import Hooks
 from minimal.peft import count_trainable, freeze
 from minimal.sparse import (
     GradMask,
@@ -18,7 +19,6 @@ from minimal.sparse import (
     sum_batch_gradients,
     topk_mask,
 )
-from minimal.hooks import Hooks
 from minimal.train import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64)

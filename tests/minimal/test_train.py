@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from minimal.data import Example, Task
-from minimal.peft import freeze, unfreeze
 from minimal.evaluate import evaluate_task, perplexity
 from minimal.hooks import Hooks
+from minimal.peft import freeze, unfreeze
 from minimal.train import TrainConfig, lr_at, tensor_bytes, train
 
 
