@@ -18,11 +18,9 @@ run writes runs/leaderboard/ unless --out names a folder, so a partial run never
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,13 +47,9 @@ def default_out(methods: list[str] | None, tasks: list[str], steps: int, seed: i
     return RESULTS if full else PARTIAL
 
 
-def apply_method(method: Method, model: nn.Module, task: Task, steps: int) -> tuple[nn.Module, Hooks]:
-    """Apply a registered method: pass the task if it reads data, the run length if it has a schedule."""
-    apply = method.apply
-    if "total_steps" in inspect.signature(apply).parameters:  # schedules over the whole run (AdaLoRA, ...)
-        apply = partial(apply, total_steps=steps)
-    out = apply(model, task) if method.needs_task else apply(model)
-    return out if isinstance(out, tuple) else (model, out)
+def apply_method(method: Method, model: nn.Module, task: Task) -> Hooks:
+    """Apply a registered method, with the task if it reads data (a schedule reads the run length in setup)."""
+    return method.apply(model, task) if method.needs_task else method.apply(model)
 
 
 def test_subset(task: Task, n: int = MAX_TEST) -> Task:
@@ -69,7 +63,7 @@ def run_one(method: Method, task_name: str, cfg: TrainConfig, base: str = "base"
     torch.manual_seed(cfg.seed)
     model = load_base(base)
     task = get_task(task_name)
-    model, hooks = apply_method(method, model, task, cfg.steps)
+    hooks = apply_method(method, model, task)
     counts = count_trainable(model)
     trainable = hooks.n_trainable or counts.trainable  # gradient-masking methods state their own count
     row = {"method": method.name, "task": task_name, "trainable": trainable, "total": counts.total,
@@ -162,7 +156,7 @@ def applications(seed: int, out: Path, recipes: dict | None = None) -> str:
     """
     if recipes is None:
         from chapters.ch5_applications.finsql import finsql_recipe
-        from chapters.ch5_applications.tabllm import tabllm_recipe
+        from chapters.ch5_applications.tabllm_recipe import tabllm_recipe
 
         recipes = {"text-to-SQL (finsql_recipe)": lambda s: finsql_recipe(seed=s),
                    "TabLLM (tabllm_recipe)": lambda s: tabllm_recipe(seed=s)}

@@ -48,8 +48,12 @@ def choice_logprobs(model: nn.Module, prompts: list[str], choices: list[str], bl
     return scores
 
 
+MAX_NEW_TOKENS = 24  # greedy_answers keeps room for this many new tokens after the prompt
+
+
 @torch.no_grad()
-def greedy_answers(model: nn.Module, prompts: list[str], block_size: int, max_new_tokens: int = 24) -> list[str]:
+def greedy_answers(model: nn.Module, prompts: list[str], block_size: int,
+                   max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy decoding of each prompt's answer, up to <|endoftext|>. Prompts of equal length share a batch."""
     enc = get_tokenizer()
     eot = special_id(enc, "<|endoftext|>")

@@ -99,6 +99,18 @@ def check_masks(model: nn.Module, masks: Masks) -> dict[str, nn.Parameter]:
     return {n: params[n] for n in masks}
 
 
+def trained_before(model: nn.Module) -> set[str]:
+    """The parameters that a method applied earlier to `model` trains (none on a fresh model).
+
+    A selective method stacked on another one leaves those to it: it neither scores nor masks them, so
+    they keep training as the first method set them up. The count of applied methods is the attribute
+    that `minimal.peft.freeze_base` sets (read by name here, so that this file needs torch only).
+    """
+    if not getattr(model, "peft_methods_applied", 0):
+        return set()
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 # ------------------------------------------------------------------------------ 1. delta parametrisation
 
 
@@ -183,15 +195,17 @@ def merge_sparse_deltas(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------ 2. gradient masking
 
 
-class GradMask:
-    """Gradient masking for the shared loop: grad <- scale * M * grad after backward.
+class GradMask(Hooks):
+    """Gradient masking for the shared loop: grad <- scale * M * grad after backward (a `Hooks`).
 
     With restore=True, every unselected entry is copied back from its value at construction (theta0)
     after each optimiser step, so it stays bitwise unchanged whatever the optimiser does (weight decay,
     stale momentum). Without it, only the gradient is masked, as in the released code of most papers.
+    n_trainable: the selected entries plus every entry of the trainable tensors that are not masked.
     """
 
     def __init__(self, model: nn.Module, masks: Masks, restore: bool = True, scale: float = 1.0) -> None:
+        super().__init__()
         params = check_masks(model, masks)
         frozen = sorted(n for n, p in params.items() if not p.requires_grad)
         if frozen:
@@ -202,6 +216,8 @@ class GradMask:
         self.scale = scale
         self.restore = restore
         self.theta0 = {n: p.detach().clone() for n, p in params.items()} if restore else {}
+        dense = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in masks)
+        self.n_trainable = dense + mask_count(masks)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         params = dict(model.named_parameters())
@@ -218,8 +234,9 @@ class GradMask:
         for n, m in self.masks.items():
             params[n].copy_(torch.where(m, params[n], self.theta0[n]))
 
-    def hooks(self) -> Hooks:
-        return Hooks(after_backward=self.after_backward, step_end=self.step_end)
+    def hooks(self) -> GradMask:
+        """The mask itself: it is the Hooks the training loop takes."""
+        return self
 
 
 # ------------------------------------------------------------------------------ 3. per-example squared gradients

@@ -125,3 +125,28 @@ def check_fails(name: str, answer, capsys, match: str = "") -> str:
     assert not ok and "not yet" in out, out
     assert match in out, out
     return out
+
+
+def model_snapshot(model: nn.Module) -> dict:
+    """Everything a failed apply must leave alone: module classes by name, requires_grad flags, every
+    state_dict tensor (cloned), the forward/backward hooks on each module, and the model's public attributes."""
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "state": {n: t.detach().clone() for n, t in model.state_dict().items()},
+        "hooks": [(n, len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks))
+                  for n, m in model.named_modules()],
+        "attributes": sorted(k for k in vars(model) if not k.startswith("_")),
+    }
+
+
+def assert_model_unchanged(model: nn.Module, before: dict) -> None:
+    """`model` is exactly as `model_snapshot` saw it: same modules, flags, hooks, keys, and values bitwise."""
+    after = model_snapshot(model)
+    for key in ("modules", "requires_grad", "hooks", "attributes"):
+        changed = [(a, b) for a, b in zip(before[key], after[key]) if a != b] or (before[key], after[key])
+        assert after[key] == before[key], f"{key} changed: {changed[:3]}"
+    assert list(after["state"]) == list(before["state"]), "state_dict keys changed"
+    moved = [n for n, t in after["state"].items()
+             if t.dtype != before["state"][n].dtype or not torch.equal(t, before["state"][n])]
+    assert not moved, f"values changed: {moved}"

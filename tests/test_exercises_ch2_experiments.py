@@ -18,7 +18,7 @@ def not_implemented(name, answer, capsys):
 
 def test_large_sparse(capsys):
     passes("ch2.large_sparse", {"width": 32, "kept": 2048}, capsys)
-    fails("ch2.large_sparse", {"width": 24, "kept": 2048}, capsys, "width")  # m / s instead of m / (1 - s)
+    fails("ch2.large_sparse", {"width": 10, "kept": 2048}, capsys, "width")  # m / (1 - f) instead of m / f
     fails("ch2.large_sparse", {"width": 32, "kept": 1024}, capsys, "keeps")  # one block only
     fails("ch2.large_sparse", {"width": 32, "kept": 2048 + 2 * (32 + 64)}, capsys, "biases")  # biases counted
     fails("ch2.large_sparse", {"width": 32.0, "kept": 2048}, capsys, "an int")
@@ -27,10 +27,10 @@ def test_large_sparse(capsys):
 
 # ---------------------------------------------------------------------------- SNIP masks
 
-def snip_masks(weights, grads, sparsity):
+def snip_masks(weights, grads, fraction):
     scores = {n: (w * grads[n]).abs() for n, w in weights.items()}
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    k = math.ceil(round((1 - sparsity) * flat.numel(), 9))
+    k = math.ceil(round(fraction * flat.numel(), 9))
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(k).indices] = True
     out, i = {}, 0
@@ -40,25 +40,25 @@ def snip_masks(weights, grads, sparsity):
     return out
 
 
-def per_tensor(weights, grads, sparsity):
+def per_tensor(weights, grads, fraction):
     out = {}
     for n, w in weights.items():
         s = (w * grads[n]).abs().reshape(-1)
         keep = torch.zeros_like(s, dtype=torch.bool)
-        keep[s.topk(math.ceil(round((1 - sparsity) * s.numel(), 9))).indices] = True
+        keep[s.topk(math.ceil(round(fraction * s.numel(), 9))).indices] = True
         out[n] = keep.view(w.shape)
     return out
 
 
-def magnitude(weights, grads, sparsity):
-    return snip_masks(weights, {n: torch.ones_like(g) for n, g in grads.items()}, sparsity)
+def magnitude(weights, grads, fraction):
+    return snip_masks(weights, {n: torch.ones_like(g) for n, g in grads.items()}, fraction)
 
 
-def floor_budget(weights, grads, sparsity):
+def floor_budget(weights, grads, fraction):
     scores = {n: (w * grads[n]).abs() for n, w in weights.items()}
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.topk(int((1 - sparsity) * flat.numel())).indices] = True
+    keep[flat.topk(int(fraction * flat.numel())).indices] = True
     out, i = {}, 0
     for n, s in scores.items():
         out[n] = keep[i:i + s.numel()].view(s.shape)
@@ -72,7 +72,7 @@ def test_snip_masks(capsys):
     fails("ch2.snip_masks", magnitude, capsys, "|W * grad|")
     fails("ch2.snip_masks", floor_budget, capsys, "number")
 
-    def stub(weights, grads, sparsity):
+    def stub(weights, grads, fraction):
         raise NotImplementedError
     not_implemented("ch2.snip_masks", stub, capsys)
 

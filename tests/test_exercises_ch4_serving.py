@@ -21,14 +21,14 @@ def stub(*args):
 
 # ---------------------------------------------------------------------------- AdaLoRA's budget schedule
 
-def budget(t, b0, bT, T, t_init, t_final, delta_t, power=3, plateau=True, as_int=True, first=True):
+def budget(t, b0, bT, T, t_init, t_final, period, power=3, plateau=True, as_int=True, first=True):
     if (t <= t_init) if first else (t < t_init):
         return b0, False
     if plateau and t > T - t_final:
         return bT, True
     left = 1 - (t - t_init) / (T - t_final - t_init)
     b = bT + (b0 - bT) * left**power
-    return (int(b) if as_int else b), t % delta_t == 0
+    return (int(b) if as_int else b), t % period == 0
 
 
 def test_budget_schedule_reference_passes(capsys):
@@ -88,7 +88,7 @@ def test_budget_mask_off_by_one_fails(capsys):
 def test_budget_mask_is_what_the_allocator_applies():
     torch.manual_seed(0)
     layers = {f"l{i}": adalora.SVDLinear(torch.nn.Linear(6, 5), r=4) for i in range(3)}
-    alloc = adalora.RankAllocator(layers, target_r=2, total_steps=10)
+    alloc = adalora.RankAllocator(layers, target_r=2)
     for layer in layers.values():
         torch.nn.init.normal_(layer.E)
         layer(torch.randn(3, 6)).pow(2).sum().backward()
@@ -147,7 +147,7 @@ def test_galore_project_and_project_back_are_the_optimizer_step():
     torch.manual_seed(0)
     for shape in ((6, 10), (10, 6)):
         w = torch.nn.Parameter(torch.randn(shape))
-        opt = galore.GaLoreAdamW([w], lr=0.1, rank=2, update_every=5, alpha=0.5)
+        opt = galore.GaLoreAdamW([w], lr=0.1, r=2, period=5, alpha=0.5)
         w0 = w.detach().clone()
         w.grad = torch.randn(shape)
         opt.step()

@@ -33,7 +33,6 @@ Choices made here:
 
 from __future__ import annotations
 
-import inspect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,11 +40,11 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from minimal.data import Example, Task, encode_prompt, evaluation_subset
-from minimal.evaluate import evaluate_task, greedy_answers
+from minimal.evaluate import MAX_NEW_TOKENS, evaluate_task
 from minimal.tokenizer import get_tokenizer
 
 # greedy_answers keeps room for this many new tokens after the prompt; a generation query must leave it free
-GENERATE_BUDGET = inspect.signature(greedy_answers).parameters["max_new_tokens"].default
+GENERATE_BUDGET = MAX_NEW_TOKENS
 
 
 def format_demo(example: Example) -> str:

@@ -19,7 +19,7 @@ At layer l, with f = mlp(ln_2(x)) [B, T, d] and the N adapters' outputs u_n = W_
 
 What trains in stage 2: Q, K (d^2 + d each) and V (d^2) in every layer: L (3d^2 + 2d) numbers.
 
-Choices (spec sheet section 2.4 and ambiguity log 4.4 item 12):
+Choices (where the paper, written for post-LN BERT, leaves the GPT version open):
 - pre-LN mapping of the post-LN original: the query is the MLP output f, keys/values the adapters' deltas,
   and the residual f is added after mixing (the reference code's `residual_before=False`); so with N = 1
   and V = I the fused model is exactly the single-adapter model of adapters.py (`apply_pfeiffer`);
@@ -28,22 +28,31 @@ Choices (spec sheet section 2.4 and ambiguity log 4.4 item 12):
   not implemented);
 - the reference code's regulariser `value_reg * sum_l ||I - V_l||_F^2` (0.01) is on by default, as an
   extra loss through the shared training loop's hooks; `value_reg=0` turns it off;
-- the fused adapters are copied into the fusion layers and frozen, so the originals are never touched.
-"""
+- the fused adapters are copied into the fusion layers and frozen, so the originals are never touched;
+- the fusion layers (and the fused copies) take the dtype and device of the model's embedding weight.
+
+`count_adapter_fusion(config)` is the stage-2 trainable count as a formula of the GPTConfig. Stage 1 runs the
+shared training loop (minimal/train.py), imported only by `train_source_adapter`.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/gpt.py, chapters/ch2_additive/adapters.py, chapters/ch2_additive/adapter_fusion.py
+"""  # noqa: E501
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from chapters.ch2_additive.adapters import Adapter, apply_pfeiffer, remove_adapters
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze
-from minimal.train import Batch, TrainConfig, TrainResult, train
+from minimal.peft import freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
+    from minimal.train import Batch, TrainConfig, TrainResult
 
 AdapterSet = list[Adapter]  # one Pfeiffer adapter per layer, from stage 1
 
@@ -63,6 +72,8 @@ def train_source_adapter(
     The model is left as it was (frozen backbone, identity hooks); returns the trained adapters, one per
     layer, and the training record.
     """
+    from minimal.train import train  # the shared loop (tqdm): needed for stage 1 only
+
     apply_pfeiffer(model, bottleneck=bottleneck, init=init)
     result = train(model, get_batch, cfg, desc="adapter")
     removed = remove_adapters(model)
@@ -120,8 +131,10 @@ def apply_adapter_fusion(
 
     Returns the hooks that add the value regulariser value_reg * sum_l ||I - V_l||_F^2 to the loss.
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"AdapterFusion needs a minimal.gpt.GPT, got {type(model).__name__}")
+    blocks = getattr(model, "h", None)
+    if blocks is None or not all(hasattr(b, "mlp_out") for b in blocks):
+        raise TypeError(f"AdapterFusion needs a GPT whose blocks have the hook mlp_out (minimal/gpt.py), "
+                        f"got {type(model).__name__}")
     if not adapters:
         raise ValueError("AdapterFusion needs at least one trained adapter set (task name -> adapters per layer)")
     L, d = model.config.n_layer, model.config.n_embd
@@ -140,17 +153,19 @@ def apply_adapter_fusion(
     for i, block in enumerate(model.h):
         if not isinstance(block.mlp_out, nn.Identity):
             raise ValueError(f"h.{i}.mlp_out already holds {type(block.mlp_out).__name__}; remove it first")
-    freeze(model)
-    device = model.wte.weight.device
-    for i, block in enumerate(model.h):
-        layer = {name: layers[i] for name, layers in adapters.items()}
-        block.mlp_out = FusionLayer(d, layer, temperature, value_offdiag).to(device)
+    w = model.wte.weight
+    built = [FusionLayer(d, {name: layers[i] for name, layers in adapters.items()}, temperature,
+                         value_offdiag).to(w.device, w.dtype) for i in range(L)]
+    freeze_base(model)
+    for block, layer in zip(model.h, built, strict=True):
+        block.mlp_out = layer
     if value_reg == 0:
         return Hooks()
 
     def regulariser(m: nn.Module) -> torch.Tensor:
-        eye = torch.eye(d, device=device)
-        return value_reg * sum(((eye - b.mlp_out.value.weight) ** 2).sum() for b in m.h)
+        values = [b.mlp_out.value.weight for b in m.h]  # V_l [d, d]
+        eye = torch.eye(d, dtype=values[0].dtype, device=values[0].device)
+        return value_reg * sum(((eye - v) ** 2).sum() for v in values)
 
     return Hooks(extra_loss=regulariser)
 
@@ -181,6 +196,6 @@ def fusion_weights(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None = No
     return layers[0].names, torch.stack(rows)  # [L, N]
 
 
-def n_fusion_params(n_layer: int, n_embd: int) -> int:
-    """Stage-2 trainable count: L (3d^2 + 2d) (Q and K with biases, V without)."""
-    return n_layer * (3 * n_embd**2 + 2 * n_embd)
+def count_adapter_fusion(config: GPTConfig) -> int:
+    """Stage-2 trainable count: L (3d^2 + 2d) (Q and K with biases, V without), whatever the number of adapters."""
+    return config.n_layer * (3 * config.n_embd**2 + 2 * config.n_embd)

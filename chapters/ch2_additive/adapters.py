@@ -11,8 +11,8 @@ pretrained weight stays fixed; with a (near-)zero up-projection it starts as (al
 
     Adapter(h) = h + W_up act(W_down h + b_down) + b_up      W_down [m, d], W_up [d, m]
 
-Placement in the pre-LN GPT (BERT is post-LN; this is the spec sheet's mapping), through the identity
-hooks `Block.attn_out` and `Block.mlp_out`:
+Placement in the pre-LN GPT (BERT is post-LN; as in the paper, each adapter reads a sublayer's output
+before it joins the residual stream), through the identity hooks `Block.attn_out` and `Block.mlp_out`:
 
     Houlsby:   x <- x + A1(attn(ln_1(x)));   x <- x + A2(mlp(ln_2(x)))       act = GELU
     Pfeiffer:  x <- x + A(mlp(ln_2(x)))                                      act = ReLU
@@ -20,25 +20,36 @@ hooks `Block.attn_out` and `Block.mlp_out`:
 What trains: the adapters, L (2md + m + d) numbers per adapter position, so 2L(2md + m + d) for Houlsby
 and L(2md + m + d) for Pfeiffer. Houlsby also trains every LayerNorm (ln_1, ln_2, ln_f: 4Ld + 2d) as in
 the paper; Pfeiffer trains the adapters only (`train_layernorm` switches either way). The tied head stays
-frozen (spec sheet 0.4: tasks are next-token prediction).
+frozen: our tasks are next-token prediction, so there is no new classifier head to train.
 
 Choices:
 - init "near_identity" (default, the official code): both projections truncated normal, std 1e-3, cut at
   2 std, biases zero; the output moves by a tiny amount at init. "zero": W_up = b_up = 0 and W_down keeps
   nn.Linear's default init, so the model is exactly the base at init (the paper notes far-from-identity
   initialisations fail to train);
-- the Pfeiffer adapter reads the sublayer output f (x <- x + f + A'(f)), as in the spec sheet's mapping,
-  not the adapters library's (x + f) input.
+- the Pfeiffer adapter reads the sublayer output f (x <- x + f + A'(f)), the same hook as Houlsby's second
+  adapter, not the adapters library's (x + f) input;
+- the adapters take the dtype and device of the model's embedding weight.
+
+`build_adapters` checks everything and builds the adapters without touching the model; `insert_adapters`
+then freezes the base and puts them in (SparseAdapter and AdapterFusion reuse both). `count_houlsby` and
+`count_pfeiffer` are the trainable counts as formulas of the GPTConfig.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/gpt.py, chapters/ch2_additive/adapters.py
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze, unfreeze
+from minimal.peft import freeze_base, replace_module, unfreeze
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 PLACEMENTS = {"houlsby": ("attn_out", "mlp_out"), "pfeiffer": ("mlp_out",)}
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
@@ -74,6 +85,51 @@ class Adapter(nn.Module):
         return h + self.up(self.act(self.down(h)))  # [..., d]
 
 
+def build_adapters(
+    model: GPT,
+    bottleneck: int = 8,
+    placement: str = "houlsby",
+    activation: str | None = None,
+    init: str = "near_identity",
+) -> dict[str, Adapter]:
+    """Check the arguments and the model; return the new adapters by hook name ("h.0.attn_out", ...).
+
+    Built in float32 (so the random init is the same for every dtype), then cast to the model's dtype and
+    device. The model is not changed.
+    """
+    blocks = getattr(model, "h", None)
+    if blocks is None or not all(hasattr(b, "attn_out") and hasattr(b, "mlp_out") for b in blocks):
+        raise TypeError(f"adapters need a GPT whose blocks have the hooks attn_out and mlp_out (minimal/gpt.py), "
+                        f"got {type(model).__name__}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown adapter placement {placement!r}; choose one of {sorted(PLACEMENTS)}")
+    d = model.config.n_embd
+    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or not 0 < bottleneck <= d:
+        raise ValueError(f"bottleneck must be an int in [1, n_embd={d}], got {bottleneck!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown adapter init {init!r}; choose one of {INITS}")
+    activation = activation or ("gelu" if placement == "houlsby" else "relu")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    for i, block in enumerate(blocks):
+        for hook in ("attn_out", "mlp_out"):
+            if not isinstance(getattr(block, hook), nn.Identity):
+                raise ValueError(f"h.{i}.{hook} already holds {type(getattr(block, hook)).__name__}; "
+                                 "call remove_adapters(model) first")
+    w = model.wte.weight
+    return {f"h.{i}.{hook}": Adapter(d, bottleneck, activation, init).to(device=w.device, dtype=w.dtype)
+            for i in range(len(blocks)) for hook in PLACEMENTS[placement]}
+
+
+def insert_adapters(model: GPT, adapters: dict[str, Adapter], train_layernorm: bool) -> None:
+    """Freeze the base (see minimal.peft.freeze_base), put each adapter in its hook, unfreeze the LayerNorms."""
+    freeze_base(model)
+    for name, adapter in adapters.items():
+        replace_module(model, name, adapter)
+    if train_layernorm:
+        unfreeze(model, lambda n: ".ln_" in n or n.startswith("ln_f."))
+
+
 def apply_adapters(
     model: GPT,
     bottleneck: int = 8,
@@ -87,29 +143,8 @@ def apply_adapters(
     placement "houlsby" (after attention and after the MLP; GELU; LayerNorms train by default) or
     "pfeiffer" (after the MLP only; ReLU; adapters only by default).
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"adapters need a minimal.gpt.GPT, got {type(model).__name__}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown adapter placement {placement!r}; choose one of {sorted(PLACEMENTS)}")
-    d = model.config.n_embd
-    if not isinstance(bottleneck, int) or not 0 < bottleneck <= d:
-        raise ValueError(f"bottleneck must be an int in [1, n_embd={d}], got {bottleneck!r}")
-    if init not in INITS:
-        raise ValueError(f"unknown adapter init {init!r}; choose one of {INITS}")
-    for i, block in enumerate(model.h):
-        for hook in ("attn_out", "mlp_out"):
-            if not isinstance(getattr(block, hook), nn.Identity):
-                raise ValueError(f"h.{i}.{hook} already holds {type(getattr(block, hook)).__name__}; "
-                                 "call remove_adapters(model) first")
-    activation = activation or ("gelu" if placement == "houlsby" else "relu")
-    if train_layernorm is None:
-        train_layernorm = placement == "houlsby"
-    freeze(model)
-    for block in model.h:
-        for hook in PLACEMENTS[placement]:
-            setattr(block, hook, Adapter(d, bottleneck, activation, init).to(model.wte.weight.device))
-    if train_layernorm:
-        unfreeze(model, lambda n: ".ln_" in n or n.startswith("ln_f."))
+    adapters = build_adapters(model, bottleneck, placement, activation, init)  # validates; the model is unchanged
+    insert_adapters(model, adapters, placement == "houlsby" if train_layernorm is None else train_layernorm)
     return Hooks()
 
 
@@ -136,9 +171,23 @@ def remove_adapters(model: GPT) -> dict[str, Adapter]:
     return removed
 
 
-def n_adapter_params(n_layer: int, n_embd: int, bottleneck: int, placement: str = "houlsby") -> int:
-    """The spec's formula, adapters only: 2L(2md + m + d) for Houlsby, L(2md + m + d) for Pfeiffer."""
+def count_adapters(config: GPTConfig, bottleneck: int = 8, placement: str = "houlsby",
+                   train_layernorm: bool | None = None) -> int:
+    """n L (2md + m + d) for n adapters per block (2 Houlsby, 1 Pfeiffer), plus ln_1, ln_2 of every block and
+    ln_f when the LayerNorms train (Houlsby's default): 4Ld + 2d (2Ld + d without biases)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown adapter placement {placement!r}; choose one of {sorted(PLACEMENTS)}")
-    d, m = n_embd, bottleneck
-    return len(PLACEMENTS[placement]) * n_layer * (2 * m * d + m + d)
+    L, d, m = config.n_layer, config.n_embd, bottleneck
+    layernorms = (2 * L + 1) * (2 * d if config.bias else d)
+    train_layernorm = placement == "houlsby" if train_layernorm is None else train_layernorm
+    return len(PLACEMENTS[placement]) * L * (2 * m * d + m + d) + (layernorms if train_layernorm else 0)
+
+
+def count_houlsby(config: GPTConfig, bottleneck: int = 8, train_layernorm: bool = True) -> int:
+    """2L (2md + m + d) + 4Ld + 2d: two adapters per block and every LayerNorm."""
+    return count_adapters(config, bottleneck, "houlsby", train_layernorm)
+
+
+def count_pfeiffer(config: GPTConfig, bottleneck: int = 8, train_layernorm: bool = False) -> int:
+    """L (2md + m + d): one adapter per block, after the MLP."""
+    return count_adapters(config, bottleneck, "pfeiffer", train_layernorm)

@@ -21,7 +21,8 @@ with a bottleneck A_j(z) = W_2 Dropout(ReLU(W_1 z + b_1)) + b_2, W_1 [m, d], W_2
 What trains (stage 2, per direction): EA (LN 2d, 2dm + m + d) and 2L parallel adapters (2dm + m + d each):
 d^2 + 3.5d + 2L(d^2 + 1.5d) numbers for m = d/2 (+ d^2 with the LHT). Everything of the base stays frozen.
 
-Interpretations, labelled [I] as in the spec sheet (section 2.6 and ambiguity log 4.4 items 1-2):
+Interpretations, labelled [I]: where the paper (an encoder-decoder, with TensorFlow code) does not say what
+the GPT version should do, this is our choice; results that depend on one should say so:
 - [I] decoder-only mapping: one embedding-alignment module on the (token + position) embeddings and one
   parallel adapter per self-attention and per MLP sublayer; the paper has separate encoder and decoder
   modules and no adapter on cross-attention, which this model does not have;
@@ -37,6 +38,13 @@ Interpretations, labelled [I] as in the spec sheet (section 2.6 and ambiguity lo
   keeps the current direction. `set_direction` chooses one by hand (None turns CIAT and its routing off);
 - [I] stage 1 (training the multilingual base on all directions) is the base model's pretraining and is
   not part of this file; dropout inside the adapters equals the model's dropout.
+
+The modules take the dtype and device of the model's embedding weight. `count_ciat` is the trainable count
+as a formula of the GPTConfig. Imported only where they are used: the shipped tokenizer (minimal/tokenizer.py)
+by `language_tag_ids`, the routing default when `tag_ids` is not given; the shared training loop
+(minimal/train.py) by `measure_interference`; the toy tasks (minimal/data.py) by `translation_batches`.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/gpt.py, chapters/ch2_additive/ciat.py
 """
 
 from __future__ import annotations
@@ -45,14 +53,19 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze
-from minimal.train import Batch, TrainConfig, train
+from minimal.peft import freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
+    from minimal.train import TrainConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (idx, labels), each [B, T]
 
 INITS = ("zero", "xavier")
 
@@ -195,8 +208,8 @@ def apply_ciat(
     bottleneck defaults to d/2. auto_route reads language tags (tag_ids, default: the shipped tokenizer's
     <|lang_X|> ids) to pick the direction of each batch.
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"CIAT needs a minimal.gpt.GPT, got {type(model).__name__}")
+    if not hasattr(model, "config") or not hasattr(model, "h"):
+        raise TypeError(f"CIAT needs a GPT (model.config and blocks model.h), got {type(model).__name__}")
     if hasattr(model, "ciat"):
         raise ValueError("this model already has CIAT modules; call remove_ciat(model) first")
     directions = list(directions)
@@ -215,10 +228,11 @@ def apply_ciat(
         tag_ids = language_tag_ids()
     if auto_route and any(not 0 <= i < model.config.vocab_size for i in tag_ids.values()):
         raise ValueError(f"tag ids {tag_ids} are outside the model's vocabulary ({model.config.vocab_size})")
-    freeze(model)
-    cfg = model.config
+    cfg, w = model.config, model.wte.weight
     mods = {name: Direction(d, L, m, cfg.dropout, init, lht, cfg.layer_norm_epsilon) for name in directions}
-    model.ciat = CIAT(mods, tag_ids if auto_route else None).to(model.wte.weight.device)
+    ciat = CIAT(mods, tag_ids if auto_route else None).to(w.device, w.dtype)
+    freeze_base(model)
+    model.ciat = ciat
     _install_hooks(model, model.ciat)
     set_direction(model, directions[0])
     return Hooks()
@@ -234,15 +248,16 @@ def remove_ciat(model: GPT) -> CIAT:
     return ciat
 
 
-def n_ciat_params(n_layer: int, n_embd: int, bottleneck: int | None = None, lht: bool = False) -> int:
-    """Per direction: EA (2d + 2dm + m + d) + 2L (2dm + m + d) (+ d^2 for the LHT).
+def count_ciat(config: GPTConfig, directions: tuple[str, ...] | list[str] = ("a_b",), bottleneck: int | None = None,
+               lht: bool = False) -> int:
+    """Per direction: EA (2d + 2dm + m + d) + 2L (2dm + m + d) (+ d^2 for the LHT); times the directions.
 
-    With m = d/2: d^2 + 3.5d + 2L(d^2 + 1.5d).
+    With m = d/2: d^2 + 3.5d + 2L(d^2 + 1.5d) per direction.
     """
-    d, L = n_embd, n_layer
+    d, L = config.n_embd, config.n_layer
     m = d // 2 if bottleneck is None else bottleneck
     adapter = 2 * d * m + m + d
-    return 2 * d + adapter + 2 * L * adapter + (d * d if lht else 0)
+    return len(directions) * (2 * d + adapter + 2 * L * adapter + (d * d if lht else 0))
 
 
 # ------------------------------------------------------------------------------------------ interference
@@ -268,6 +283,8 @@ def measure_interference(
 
     Returns {"base": {dir: loss}, "shared": {...}, "separate": {...}}; interference = shared - separate.
     """
+    from minimal.train import train  # the shared loop (tqdm): needed for this experiment only
+
     names = list(train_batches)
     if not names or set(names) != set(eval_batches):
         raise ValueError(f"train and eval batches must name the same directions, got {names} and "

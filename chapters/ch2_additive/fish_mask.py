@@ -30,32 +30,61 @@ a few hundred). `score="random"` draws the same number of entries uniformly: the
 Departure from the released code: the selected entries train as the value vector of a sparse delta
 (`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
 the leaderboard's weight decay 0 the two agree.
+Stacked on another method, FISH leaves that method's parameters out of the mask: they keep training densely.
+The deltas take the dtype and device of the parameters they sit on. `count_fish_mask(config, fraction)` is
+k as a formula of the GPTConfig.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/sparse.py, chapters/ch2_additive/fish_mask.py
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
-from minimal.data import Task, sample_examples
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze
-from minimal.sparse import GradMask, Masks, add_sparse_deltas, budget, empirical_fisher, sparse_deltas, topk_mask
-from minimal.train import Batch
+from minimal.peft import freeze_base
+from minimal.sparse import (
+    GradMask,
+    Masks,
+    add_sparse_deltas,
+    budget,
+    empirical_fisher,
+    sparse_deltas,
+    topk_mask,
+    trained_before,
+)
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 IMPLEMENTATIONS = ("delta", "grad_mask")
 SCORES = ("fisher", "random")
 
 
-fisher_samples = sample_examples  # shared with the other data-driven masks (minimal/data.py)
+def fisher_samples(data: Any, n_samples: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, labels) [N, T]: n_samples examples drawn once (seeded) from a minimal.data.Task's train split, or
+    the first n_samples rows of a given (idx, labels) pair (minimal.data.sample_examples does the drawing)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
+        from minimal.data import sample_examples
+
+        return sample_examples(data, n_samples, block_size, seed)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0][:n_samples], data[1][:n_samples]
+    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
 
 
 def eligible_names(model: GPT, exclude: tuple[str, ...]) -> list[str]:
+    """Every parameter but `exclude` and those that a method applied before trains (see minimal.sparse)."""
     names = [n for n, _ in model.named_parameters()]
     unknown = [e for e in exclude if e not in names]
     if unknown:
         raise ValueError(f"exclude names unknown parameters {unknown}; parameters are e.g. {names[:5]}")
-    return [n for n in names if n not in exclude]
+    earlier = trained_before(model)
+    return [n for n in names if n not in exclude and n not in earlier]
 
 
 def fish_mask(model: GPT, idx: torch.Tensor | None, labels: torch.Tensor | None, fraction: float = 0.005,
@@ -85,12 +114,13 @@ def fish_mask(model: GPT, idx: torch.Tensor | None, labels: torch.Tensor | None,
     return topk_mask(scores, k)
 
 
-def apply_fish_mask(model: GPT, data: Task | Batch | None, fraction: float = 0.005, n_samples: int = 256,
+def apply_fish_mask(model: GPT, data: Any, fraction: float = 0.005, n_samples: int = 256,
                     exclude: tuple[str, ...] = ("wte.weight",), implementation: str = "delta",
                     score: str = "fisher", seed: int = 0) -> Hooks:
-    """Score on `data` (a Task's train split or an (idx, labels) batch), pick the mask, make only it train.
+    """Score on `data` (a minimal.data.Task's train split or an (idx, labels) batch), pick the mask, make only
+    it train. score="random" needs no data (pass None): the random-mask baseline at the same budget.
 
-    score="random" needs no data (pass None): the random-mask baseline at the same budget.
+    The mask is computed, and everything checked, before the model changes.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
@@ -104,7 +134,7 @@ def apply_fish_mask(model: GPT, data: Task | Batch | None, fraction: float = 0.0
         idx, labels = fisher_samples(data, n_samples, model.config.block_size, seed)
         device = next(model.parameters()).device
         mask = fish_mask(model, idx.to(device), labels.to(device), fraction, exclude, score, seed)
-    freeze(model)
+    freeze_base(model)
     if implementation == "delta":
         add_sparse_deltas(model, mask)
         return Hooks()
@@ -112,6 +142,11 @@ def apply_fish_mask(model: GPT, data: Task | Batch | None, fraction: float = 0.0
     params = dict(model.named_parameters())
     for n in mask:
         params[n].requires_grad_(True)
-    hooks = GradMask(model, mask, restore=True).hooks()
-    hooks.n_trainable = sum(int(m.sum()) for m in mask.values())
-    return hooks
+    return GradMask(model, mask, restore=True)  # n_trainable: the k entries (and a stacked method's tensors)
+
+
+def count_fish_mask(config: GPTConfig, fraction: float = 0.005) -> int:
+    """k = floor(fraction * Phi), Phi = V d + T d + L (12 d^2 + 13 d) + 2 d: every parameter of the GPT."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    block = 12 * d * d + (13 * d if config.bias else 2 * d)
+    return int(fraction * (V * d + T * d + L * block + (2 * d if config.bias else d)))

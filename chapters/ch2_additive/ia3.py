@@ -22,17 +22,28 @@ Choices:
 - the MLP vector scales the input of mlp.c_proj, i.e. after the GELU, which is the paper's l_ff and peft's
   "feedforward module" rule (the adapters library scales c_fc's output before the activation instead);
 - the scale multiplies the layer output including its bias (peft does the same);
-- unmerge divides by the vectors, so it refuses when an entry is 0 (peft adds 1e-8 and warns instead).
+- unmerge divides by the vectors, so it refuses when an entry is 0 (peft adds 1e-8 and warns instead);
+- the vectors take the dtype and device of the weight they scale (as peft), so merge and unmerge round
+  only once, in the model's own precision: in float64 unmerge restores W0 up to float64 rounding.
+
+`count_ia3(config, attn)` is the trainable count as a formula of the GPTConfig.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch2_additive/ia3.py
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, freeze, inject
+from minimal.peft import Mergeable, find_linears, freeze_base, replace_module
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 ATTN_SCOPES = ("kv", "qkv")
 
@@ -51,7 +62,8 @@ class IA3Linear(Mergeable):
         if not 0 <= fixed < size or (mode == "input" and fixed):
             raise ValueError(f"fixed must be in [0, {size}) in output mode and 0 in input mode, got {fixed}")
         self.mode, self.fixed = mode, fixed
-        self.scale = nn.Parameter(torch.ones(size - fixed, device=base.weight.device))  # l, ones at init
+        w = base.weight
+        self.scale = nn.Parameter(torch.ones(size - fixed, dtype=w.dtype, device=w.device))  # l, ones at init
 
     def vector(self) -> torch.Tensor:
         """The full scale over the outputs [out] or the inputs [in]: 1 for the fixed entries, then l."""
@@ -69,7 +81,7 @@ class IA3Linear(Mergeable):
     def merge(self) -> None:
         if self.merged:
             raise ValueError("IA3Linear is already merged; unmerge() before merging again")
-        self._rescale(self.vector())
+        self._rescale(self.vector(), torch.mul)
         self.merged = True
 
     @torch.no_grad()
@@ -79,35 +91,44 @@ class IA3Linear(Mergeable):
         vec = self.vector()
         if bool((vec == 0).any()):
             raise ValueError("cannot unmerge (IA)^3: a scale entry is 0, so the original weight is lost")
-        self._rescale(1.0 / vec)
+        self._rescale(vec, torch.div)
         self.merged = False
 
-    def _rescale(self, vec: torch.Tensor) -> None:
+    def _rescale(self, vec: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """W <- op(W, l) on the rows (output mode, bias too) or the columns (input mode); op is mul or div."""
+        w, b = self.base.weight, self.base.bias
         if self.mode == "output":
-            self.base.weight.mul_(vec.unsqueeze(1).to(self.base.weight.dtype))  # rows of W [out, in]
-            if self.base.bias is not None:
-                self.base.bias.mul_(vec.to(self.base.bias.dtype))
+            w.copy_(op(w, vec.unsqueeze(1).to(w.dtype)))  # rows of W [out, in]
+            if b is not None:
+                b.copy_(op(b, vec.to(b.dtype)))
         else:
-            self.base.weight.mul_(vec.unsqueeze(0).to(self.base.weight.dtype))  # columns of W [out, in]
+            w.copy_(op(w, vec.unsqueeze(0).to(w.dtype)))  # columns of W [out, in]
 
 
 def apply_ia3(model: GPT, attn: str = "kv") -> Hooks:
-    """Freeze `model`; wrap every attn.c_attn (output scale) and mlp.c_proj (input scale) with a ones vector."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"(IA)^3 needs a minimal.gpt.GPT, got {type(model).__name__}")
+    """Freeze `model`; wrap every attn.c_attn (output scale) and mlp.c_proj (input scale) with a ones vector.
+
+    Works on any module with GPT-2's layer names. Every wrapper is built (and every target found) before the
+    model changes.
+    """
     if attn not in ATTN_SCOPES:
         raise ValueError(f"attn must be one of {ATTN_SCOPES}, got {attn!r}")
     if any(isinstance(m, IA3Linear) for m in model.modules()):
         raise ValueError("this model already has (IA)^3 vectors; unload them first (minimal.peft.unload)")
-    d = model.config.n_embd
-    freeze(model)
-    inject(model, ["attn.c_attn"], lambda lin: IA3Linear(lin, "output", fixed=d if attn == "kv" else 0))
-    inject(model, ["mlp.c_proj"], lambda lin: IA3Linear(lin, "input"))
+    built = []
+    for name in find_linears(model, ["attn.c_attn"]):
+        lin = model.get_submodule(name)
+        fixed = lin.out_features // 3 if attn == "kv" else 0  # the query third of c_attn (q | k | v) keeps 1
+        built.append((name, IA3Linear(lin, "output", fixed)))
+    built += [(n, IA3Linear(model.get_submodule(n), "input")) for n in find_linears(model, ["mlp.c_proj"])]
+    freeze_base(model)
+    for name, module in built:
+        replace_module(model, name, module)
     return Hooks()
 
 
-def n_trainable(n_layer: int, n_embd: int, attn: str = "kv") -> int:
+def count_ia3(config: GPTConfig, attn: str = "kv") -> int:
     """L (d + d + 4d) = 6Ld for the paper's k, v and ff vectors; 7Ld when queries are scaled too."""
     if attn not in ATTN_SCOPES:
         raise ValueError(f"attn must be one of {ATTN_SCOPES}, got {attn!r}")
-    return n_layer * n_embd * (6 if attn == "kv" else 7)
+    return config.n_layer * config.n_embd * (6 if attn == "kv" else 7)

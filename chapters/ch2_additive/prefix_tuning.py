@@ -20,7 +20,7 @@ and after training `consolidate()` evaluates it once, stores flat [P, 2Ld] and d
 What trains: with the MLP, P d + (d mid + mid) + (mid 2Ld + 2Ld); stored (or trained directly without the
 MLP): 2 P L d. The language model stays frozen.
 
-Choices (paper and released code differ in places; see the spec sheet):
+Choices (the paper leaves these open or its released code differs; each says which it follows):
 - positions: the prefix has no position of its own and the real tokens take positions P..P+T-1, as in the
   reference code and Hugging Face `peft` (GPT-2 counts the prefix as past keys). So P + T must fit in
   block_size. `shift_positions=False` gives the alternative (real tokens at 0..T-1);
@@ -29,23 +29,32 @@ Choices (paper and released code differ in places; see the spec sheet):
 - init: PyTorch's defaults (the paper's "random"; the table without MLP is N(0, 1) like peft's embedding),
   or "real-word" init from `init_text`: the frozen model's own keys/values on that text. Without the MLP
   they are copied; with it the MLP is regressed onto them (MSE, Adam), as the reference code does.
-- no prefix dropout (the paper's default is 0).
+- no prefix dropout (the paper's default is 0);
+- dtype and device: the encoder (table, or embedding and MLP) takes those of the model's embedding weight;
+  it is built in float32 first, so the random init is the same for every dtype.
 
 Mechanism: `apply_prefix_tuning` adds the encoder to the model as `model.prefix_encoder` and installs a
 forward pre-hook that passes `prefix_kv` and `position_offset` on every call, including each step of
 cached generation, so training, evaluation and `model.generate` work while `minimal/gpt.py` stays untouched.
+Everything (arguments, init text, the real-word fit) is done before the model changes. `count_prefix_tuning`
+is the trainable count as a formula of the GPTConfig.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/gpt.py, chapters/ch2_additive/prefix_tuning.py
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT, KV
 from minimal.hooks import Hooks
-from minimal.peft import freeze
+from minimal.peft import freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, KV, GPTConfig
 
 
 class PrefixEncoder(nn.Module):
@@ -102,11 +111,11 @@ class PrefixEncoder(nn.Module):
 def prefix_from_tokens(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """The frozen model's own keys/values on the token sequence ids [P], in the flat layout [P, 2Ld].
 
-    Runs `GPT.forward` directly, so any installed prefix hook is bypassed: this is the plain base model.
+    Calls `model.forward` directly, so any installed prefix hook is bypassed: this is the plain base model.
     """
     if ids.dim() != 1 or len(ids) == 0:
         raise ValueError(f"ids must be a non-empty 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    cache = GPT.forward(model, ids.unsqueeze(0)).cache  # per layer (k, v), each [1, H, P, hd]
+    cache = model.forward(ids.unsqueeze(0)).cache  # per layer (k, v), each [1, H, P, hd]
     t = torch.stack([x[0] for layer in cache for x in layer])  # [2L, H, P, hd]
     return t.permute(2, 0, 1, 3).reshape(len(ids), -1)  # [P, 2Ld]
 
@@ -135,20 +144,19 @@ def apply_prefix_tuning(
     seed: int = 0,
 ) -> Hooks:
     """Freeze `model`, attach a trainable prefix of n_tokens key/value slots per layer, and hook it in."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"prefix tuning needs a minimal.gpt.GPT, got {type(model).__name__}")
+    if not hasattr(model, "config") or not hasattr(model, "h"):
+        raise TypeError(f"prefix tuning needs a GPT (model.config and blocks model.h), got {type(model).__name__}")
     if hasattr(model, "prefix_encoder"):
         raise ValueError("this model already has a prefix; call remove_prefix_tuning(model) first")
-    if not isinstance(n_tokens, int) or n_tokens <= 0:
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     if shift_positions and n_tokens >= model.config.block_size:
         raise ValueError(f"n_tokens ({n_tokens}) leaves no position for input in block_size {model.config.block_size}")
     if hidden is not None and hidden <= 0:
         raise ValueError(f"hidden must be positive, got {hidden}")
-    c = model.config
-    freeze(model)
+    c, w = model.config, model.wte.weight
     torch.manual_seed(seed)
-    encoder = PrefixEncoder(n_tokens, c.n_layer, c.n_head, c.n_embd, projection, hidden).to(model.wte.weight.device)
+    encoder = PrefixEncoder(n_tokens, c.n_layer, c.n_head, c.n_embd, projection, hidden).to(w.device, w.dtype)
     encoder.shift_positions = shift_positions
     if init_text is not None:
         from minimal.tokenizer import get_tokenizer
@@ -157,12 +165,13 @@ def apply_prefix_tuning(
         if not ids or max(ids) >= c.vocab_size:
             raise ValueError(f"init_text must be non-empty text within the model's vocabulary {c.vocab_size}")
         ids = (ids * math.ceil(n_tokens / len(ids)))[:n_tokens]  # cut, or repeat and cut, to P tokens
-        target = prefix_from_tokens(model, torch.tensor(ids, device=model.wte.weight.device))
+        target = prefix_from_tokens(model, torch.tensor(ids, device=w.device))
         if projection:
             fit_to(encoder, target, steps=init_steps)
         else:
             with torch.no_grad():
                 encoder.prefix.copy_(target)
+    freeze_base(model)
     model.prefix_encoder = encoder  # registered: it trains, counts and saves with the model
     encoder.handle = model.register_forward_pre_hook(encoder.pass_prefix, with_kwargs=True)
     return Hooks()
@@ -185,9 +194,10 @@ def remove_prefix_tuning(model: GPT) -> PrefixEncoder:
     return encoder
 
 
-def n_trainable(n_tokens: int, n_layer: int, n_embd: int, projection: bool = True, hidden: int | None = None) -> int:
+def count_prefix_tuning(config: GPTConfig, n_tokens: int = 10, projection: bool = True,
+                        hidden: int | None = None) -> int:
     """The formula: P d + (d mid + mid) + (mid 2Ld + 2Ld) with the MLP, 2 P L d for the stored prefix."""
-    P, L, d = n_tokens, n_layer, n_embd
+    P, L, d = n_tokens, config.n_layer, config.n_embd
     if not projection:
         return 2 * P * L * d
     m = hidden or d

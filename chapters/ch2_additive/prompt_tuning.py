@@ -23,26 +23,38 @@ Choices (the paper used T5 with relative positions; this is a GPT with absolute 
   of wte for ids drawn from the first `population` ids (the paper samples the 5,000 most frequent tokens;
   our BPE ids grow roughly with merge order, peft samples the whole vocabulary), never a special token
   (a drawn special id is drawn again among the ordinary ones: it is no word to start from); "text" embeds an init
-  text with the shipped tokenizer, cut or repeated to P tokens (peft's TEXT rule).
+  text with the shipped tokenizer, cut or repeated to P tokens (peft's TEXT rule);
+- dtype and device: the prompt takes those of wte (it is drawn in float32 on the CPU first, so the random
+  init is the same for every dtype and device).
 
 Mechanism: `apply_prompt_tuning` adds the prompt to the model as `model.soft_prompt` and installs two
 forward hooks, so `model(idx, labels=...)`, `model(idx).logits` and `model.generate(...)` all see the
 prompt while `minimal/gpt.py` stays untouched. During cached generation the prompt is prepended on the
-first call only; later calls find it in the key/value cache.
+first call only; later calls find it in the key/value cache. Everything is checked and the prompt built
+and initialised before the model changes. `count_prompt_tuning` is the trainable count as a formula of the
+GPTConfig.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/gpt.py, chapters/ch2_additive/prompt_tuning.py
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT, GPTOutput
 from minimal.hooks import Hooks
-from minimal.peft import freeze
+from minimal.peft import freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig, GPTOutput
 
 INITS = ("random", "vocab", "text")
+# the shipped tokenizer's vocabulary size and its special tokens, the last ids (minimal/tokenizer.py: VOCAB_SIZE,
+# N_SPECIAL), repeated here so that the "vocab" init needs no tokenizer; a test checks that they agree
+SHIPPED_VOCAB_SIZE, SHIPPED_N_SPECIAL = 2048, 16
 
 
 class SoftPrompt(nn.Module):
@@ -91,9 +103,7 @@ class SoftPrompt(nn.Module):
 
 def _first_special_id(vocab_size: int) -> int:
     """Ids from here on are special tokens (<|endoftext|>, <|pad|>, ...) for the shipped tokenizer's vocabulary."""
-    from minimal.tokenizer import N_SPECIAL, VOCAB_SIZE
-
-    return VOCAB_SIZE - N_SPECIAL if vocab_size == VOCAB_SIZE else vocab_size
+    return SHIPPED_VOCAB_SIZE - SHIPPED_N_SPECIAL if vocab_size == SHIPPED_VOCAB_SIZE else vocab_size
 
 
 @torch.no_grad()
@@ -108,7 +118,7 @@ def init_prompt(
     """Fill the soft prompt: "random" U(-0.5, 0.5), "vocab" sampled wte rows, "text" embedded init_text."""
     P = prompt.n_tokens
     if init == "random":
-        prompt.weight.uniform_(-0.5, 0.5, generator=generator)
+        prompt.weight.copy_(torch.empty(prompt.weight.shape).uniform_(-0.5, 0.5, generator=generator))
     elif init == "vocab":
         if population <= 0:
             raise ValueError(f"population must be positive, got {population}")
@@ -140,17 +150,18 @@ def apply_prompt_tuning(
     seed: int = 0,
 ) -> Hooks:
     """Freeze `model`, attach a trainable soft prompt of n_tokens vectors, and hook it into forward."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"prompt tuning needs a minimal.gpt.GPT, got {type(model).__name__}")
+    if not hasattr(model, "config") or not isinstance(getattr(model, "wte", None), nn.Embedding):
+        raise TypeError(f"prompt tuning needs a GPT (model.config, embedding model.wte), got {type(model).__name__}")
     if hasattr(model, "soft_prompt"):
         raise ValueError("this model already has a soft prompt; call remove_prompt_tuning(model) first")
-    if not isinstance(n_tokens, int) or n_tokens <= 0:
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     if n_tokens >= model.config.block_size:
         raise ValueError(f"n_tokens ({n_tokens}) leaves no room for input in block_size {model.config.block_size}")
-    freeze(model)
-    prompt = SoftPrompt(n_tokens, model.config.n_embd).to(model.wte.weight.device)
+    w = model.wte.weight
+    prompt = SoftPrompt(n_tokens, model.config.n_embd).to(w.device, w.dtype)
     init_prompt(prompt, model.wte, init, init_text, population, torch.Generator().manual_seed(seed))
+    freeze_base(model)
     model.soft_prompt = prompt  # registered: it trains, counts and saves with the model
     prompt.handles = [
         model.register_forward_pre_hook(prompt.prepend, with_kwargs=True),
@@ -178,3 +189,8 @@ def nearest_tokens(model: GPT, k: int = 1) -> torch.Tensor:
     s = nn.functional.normalize(model.soft_prompt.weight, dim=-1)  # [P, d]
     e = nn.functional.normalize(model.wte.weight, dim=-1)  # [V, d]
     return (s @ e.T).topk(k, dim=-1).indices  # [P, k]
+
+
+def count_prompt_tuning(config: GPTConfig, n_tokens: int = 20) -> int:
+    """P d: one trainable d-vector per virtual token."""
+    return n_tokens * config.n_embd

@@ -26,7 +26,10 @@ Choices:
 - all three models must share the vocabulary. A different size is a ValueError; `truncate_vocab=True`
   instead drops the extra trailing entries of the larger models (the released code truncates the expert's
   extra chat tokens). The expert's own prompt format (a chat template in the paper) is not modelled here:
-  all three read the same ids.
+  all three read the same ids;
+- z is computed in float32, or in the models' own dtype when that is wider (float64 stays float64).
+
+Copy: minimal/gpt.py, chapters/ch2_additive/proxy_tuning.py
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ class ProxyTuned(nn.Module):
     def combine(self, s_base: torch.Tensor, s_expert: torch.Tensor, s_anti: torch.Tensor) -> torch.Tensor:
         """Logits [..., V_i] of the three models -> z [..., V] = log p_B + alpha (log p_E - log p_A)."""
         V = self.vocab_size
-        lp_b, lp_e, lp_a = (s[..., :V].float().log_softmax(-1) for s in (s_base, s_expert, s_anti))
+        dtype = torch.promote_types(torch.promote_types(s_base.dtype, s_expert.dtype), s_anti.dtype)
+        dtype = torch.promote_types(dtype, torch.float32)  # bfloat16 logits are combined in float32
+        lp_b, lp_e, lp_a = (s[..., :V].to(dtype).log_softmax(-1) for s in (s_base, s_expert, s_anti))
         return lp_b + self.alpha * (lp_e - lp_a)  # [..., V]
 
     @torch.no_grad()

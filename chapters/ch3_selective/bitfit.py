@@ -24,44 +24,66 @@ LLaMA) cannot use BitFit: that is an error, not an empty run.
 Departure from the released code: the selected entries train as the value vector of a sparse delta
 (`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
 the leaderboard's weight decay 0 the two agree.
+
+`count_bitfit(config, variant)` is the trainable count as a formula of the GPT config; the sparse delta
+takes the dtype and device of the bias it sits on.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/sparse.py, chapters/ch3_selective/bitfit.py
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze, unfreeze
-from minimal.sparse import add_sparse_deltas
+from minimal.peft import freeze_base, unfreeze
+from minimal.sparse import add_sparse_deltas, check_masks
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 VARIANTS = ("all", "subset")
 
 
 def apply_bitfit(model: GPT, variant: str = "all") -> Hooks:
-    """Freeze the model, then make the biases of `variant` ("all" or "subset") trainable."""
+    """Freeze the model, then make the biases of `variant` ("all" or "subset") trainable.
+
+    Every check runs before the model changes, so a bad argument leaves it as it was.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown BitFit variant {variant!r}; choose one of {VARIANTS}")
-    if not any(n.endswith(".bias") for n, _ in model.named_parameters()):
+    params = dict(model.named_parameters())
+    if not any(n.endswith(".bias") for n in params):
         raise ValueError("this model has no bias parameters (GPTConfig(bias=False)); BitFit needs biases")
-    freeze(model)
     if variant == "all":
+        freeze_base(model)
         unfreeze(model, lambda n: n.endswith(".bias"))
         return Hooks()
     d = model.config.n_embd
-    unfreeze(model, lambda n: n.endswith("mlp.c_fc.bias"))
     query = torch.zeros(3 * d, dtype=torch.bool)  # c_attn.bias = b_q | b_k | b_v
     query[:d] = True
-    add_sparse_deltas(model, {f"h.{i}.attn.c_attn.bias": query.clone() for i in range(len(model.h))})
+    masks = {f"h.{i}.attn.c_attn.bias": query.clone() for i in range(len(model.h))}
+    mlp = [f"h.{i}.mlp.c_fc.bias" for i in range(len(model.h))]
+    taken = [n for n in [*masks, *mlp] if n not in params]  # wrapped or re-parametrised by an earlier method
+    if taken:
+        raise ValueError(f"BitFit-subset needs the plain query and mlp.c_fc biases, but another method already "
+                         f"adapts {taken[:2]}; apply BitFit-subset to a fresh model")
+    check_masks(model, masks)
+    freeze_base(model)
+    for n in mlp:
+        params[n].requires_grad_(True)
+    add_sparse_deltas(model, masks)
     return Hooks()
 
 
-def bitfit_count(model: GPT, variant: str = "all") -> int:
+def count_bitfit(config: GPTConfig, variant: str = "all") -> int:
     """The number of trainable entries by formula: L * 11d + d ("all") or L * 5d ("subset")."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown BitFit variant {variant!r}; choose one of {VARIANTS}")
-    L, d = model.config.n_layer, model.config.n_embd
+    L, d = config.n_layer, config.n_embd
     return L * 11 * d + d if variant == "all" else L * 5 * d
 
 

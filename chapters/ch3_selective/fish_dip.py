@@ -7,7 +7,7 @@ Idea: a FISH mask (train the k entries of highest Fisher information) that follo
 The Fisher is measured only on the training samples the model currently fits worst, and the mask is
 recomputed every R steps, so the trainable subset moves as those samples change.
 
-    every R steps, at the current theta:
+    every R steps (`period`), at the current theta:
       l_j = mean token cross-entropy of training sample j                      j = 1..N
       S   = the n samples of highest l_j,   n = clamp(floor(0.1 * N_batches), 3, 25)
       F_i = sum_{j in S} (d l_j / d theta_i)^2                                  per-example squares
@@ -17,9 +17,10 @@ recomputed every R steps, so the trainable subset moves as those samples change.
 What trains: k entries at a time, anywhere in the model except the tied wte (our head, frozen; the
 paper's k also subtracts its dense head). Over a run many more entries can change, since M moves.
 
-Implementation: `FishDip` holds the current mask and plugs into the shared loop: after_backward masks
+Implementation: `FishDip` holds the current mask and is the Hooks of the shared loop: after_backward masks
 the gradients, step_end recomputes the mask after every R-th optimiser step (the first mask is computed
-before training, "step 0"). The Fisher uses `minimal.sparse.empirical_fisher` on the chosen samples
+before training, "step 0"); `apply_fish_dip` returns it, so its masks and history stay in reach. The
+Fisher uses `minimal.sparse.empirical_fisher` on the chosen samples
 (its mean over S has the same top-k as the sum). Choices: the optimiser state persists across
 refreshes, as in the released code, so momentum would still move entries that just left the mask;
 with strict=True (our default) every entry outside the current mask is copied back after each step to
@@ -29,21 +30,27 @@ released behaviour (gradient masking only). The sample pool is a fixed set of N 
 Departure from the released code: a sample's loss is its mean cross-entropy over its answer tokens; the
 release divides the summed loss by the padded length, which ranks long answers as harder (on our tasks
 the two picked 0 of 3 hardest samples in common). We keep the mean: padding is not part of a sample.
+Stacked on another method, FISH-DIP leaves that method's parameters out of the mask: they train densely.
+`count_fish_dip(config, fraction)` is k by formula; masks live on the device of their parameters.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/sparse.py, chapters/ch3_selective/fish_dip.py
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimal.data import Task, sample_examples
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask
-from minimal.train import Batch
+from minimal.peft import freeze_base
+from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask, trained_before
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 
 @torch.no_grad()
@@ -81,26 +88,32 @@ def dip_mask(model: nn.Module, idx: torch.Tensor, labels: torch.Tensor, k: int, 
     return topk_mask(fisher, k), hard
 
 
-class FishDip:
-    """The dynamic mask and its hooks: masked gradients, refresh every `every` steps from the hardest samples."""
+class FishDip(Hooks):
+    """The dynamic mask as the loop's hooks: masked gradients, refreshed every `period` steps from the hardest samples.
+
+    Constructing it computes the first mask and changes nothing in the model; n_trainable = k.
+    """
 
     def __init__(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor, fraction: float = 0.01,
-                 every: int = 100, n_hard: int | None = None, exclude: tuple[str, ...] = ("wte.weight",),
+                 period: int = 100, n_hard: int | None = None, exclude: tuple[str, ...] = ("wte.weight",),
                  strict: bool = True) -> None:
-        if not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every (steps between mask refreshes) must be a positive int, got {every!r}")
+        super().__init__()
+        if isinstance(period, bool) or not isinstance(period, int) or period <= 0:
+            raise ValueError(f"period (steps between mask refreshes) must be a positive int, got {period!r}")
         params = dict(model.named_parameters())
         unknown = [e for e in exclude if e not in params]
         if unknown:
             raise ValueError(f"exclude names unknown parameters {unknown}; parameters are e.g. {list(params)[:5]}")
-        self.names = [n for n in params if n not in exclude]
+        earlier = trained_before(model)
+        self.names = [n for n in params if n not in exclude and n not in earlier]
         self.k = budget(fraction, sum(p.numel() for p in params.values()))
         n_eligible = sum(params[n].numel() for n in self.names)
         if self.k > n_eligible:
             raise ValueError(f"fraction {fraction} asks for {self.k} entries but only {n_eligible} are eligible")
         self.idx, self.labels = idx, labels  # the sample pool [N, T]
         self.n_hard = default_n_hard(idx.shape[0]) if n_hard is None else n_hard
-        self.every, self.strict = every, strict
+        self.period, self.strict = period, strict
+        self.n_trainable = self.k + sum(params[n].numel() for n in earlier)
         self.masks: Masks = {}
         self.held: dict[str, torch.Tensor] = {}  # values at the last refresh (strict mode)
         self.refreshes: list[int] = []  # optimiser steps completed at each refresh (0 = before training)
@@ -132,23 +145,43 @@ class FishDip:
             params = dict(model.named_parameters())
             for n, m in self.masks.items():
                 params[n].copy_(torch.where(m, params[n], self.held[n]))
-        if (step + 1) % self.every == 0:
+        if (step + 1) % self.period == 0:
             self.refresh(model, step + 1)
 
-    def hooks(self) -> Hooks:
-        return Hooks(after_backward=self.after_backward, step_end=self.step_end, n_trainable=self.k)
+
+def sample_pool(data: Any, n_samples: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, labels) [N, T]: n_samples examples drawn once (seeded) from a minimal.data.Task's train split, or
+    the first n_samples rows of a given (idx, labels) pair. Shared with FISH (minimal.data.sample_examples)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
+        from minimal.data import sample_examples
+
+        return sample_examples(data, n_samples, block_size, seed)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0][:n_samples], data[1][:n_samples]
+    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
 
 
-sample_pool = sample_examples  # shared with the other data-driven masks (minimal/data.py)
-
-
-def apply_fish_dip(model: GPT, data: Task | Batch, fraction: float = 0.01, every: int = 100, n_samples: int = 256,
+def apply_fish_dip(model: GPT, data: Any, fraction: float = 0.01, period: int = 100, n_samples: int = 256,
                    n_hard: int | None = None, exclude: tuple[str, ...] = ("wte.weight",), strict: bool = True,
-                   seed: int = 0) -> Hooks:
-    """Pool `n_samples` training examples, compute the first mask, train everything but `exclude` under it."""
+                   seed: int = 0) -> FishDip:
+    """Pool `n_samples` training examples, compute the first mask, train everything but `exclude` under it.
+
+    data: a minimal.data.Task or an (idx, labels) pair. Everything is checked, and the first mask computed,
+    before the model changes.
+    """
     device = next(model.parameters()).device
     idx, labels = (t.to(device) for t in sample_pool(data, n_samples, model.config.block_size, seed))
-    dip = FishDip(model, idx, labels, fraction, every, n_hard, exclude, strict)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in dip.names)
-    return dip.hooks()
+    dip = FishDip(model, idx, labels, fraction, period, n_hard, exclude, strict)
+    freeze_base(model)
+    params = dict(model.named_parameters())
+    for n in dip.names:
+        params[n].requires_grad_(True)
+    return dip
+
+
+def count_fish_dip(config: GPTConfig, fraction: float = 0.01) -> int:
+    """k = floor(fraction * Phi), Phi = V d + T d + L (12 d^2 + 13 d) + 2 d: the entries trained at any one time."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    return int(fraction * (V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d))

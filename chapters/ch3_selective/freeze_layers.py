@@ -18,33 +18,41 @@ the lower blocks ran under torch.no_grad(). `saved_activation_bytes` measures it
 
 Choices: the tied LM head is wte, so it stays frozen with the embeddings (the paper trains a new
 classifier head); `train_ln_f=False` freezes ln_f too. The chapter 1 baseline "last-block" is k = 1.
+Stacked on another method, the earlier method's parameters keep training. `count_freeze_layers(config, k)`
+is the trainable count by formula.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch3_selective/freeze_layers.py
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze, unfreeze
+from minimal.peft import freeze_base, unfreeze
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 
 def apply_freeze_layers(model: GPT, k: int = 2, train_ln_f: bool = True) -> Hooks:
     """Freeze everything except the top `k` blocks (and ln_f unless train_ln_f=False)."""
     L = len(model.h)
-    if not isinstance(k, int) or not 0 <= k <= L:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= L:
         raise ValueError(f"k (blocks to train) must be an int in [0, {L}] for this {L}-block model, got {k!r}")
     if k == 0 and not train_ln_f:
         raise ValueError("k=0 with train_ln_f=False leaves nothing to train")
-    freeze(model)
+    freeze_base(model)
     top = tuple(f"h.{i}." for i in range(L - k, L))
     unfreeze(model, lambda n: n.startswith(top) or (train_ln_f and n.startswith("ln_f.")))
     return Hooks()
 
 
-def freeze_layers_count(model: GPT, k: int, train_ln_f: bool = True) -> int:
+def count_freeze_layers(config: GPTConfig, k: int = 2, train_ln_f: bool = True) -> int:
     """k * (12 d^2 + 13 d) + 2d (ln_f): the trainable count by formula."""
-    d = model.config.n_embd
+    d = config.n_embd
     return k * (12 * d * d + 13 * d) + (2 * d if train_ln_f else 0)
 
 

@@ -1,4 +1,4 @@
-"""GLUE-style metrics, written by hand (evaluation context for chapter 3).
+"""The repository's evaluation metrics, written by hand: GLUE's (chapter 3) and the ROC AUC of TabLLM (chapter 5).
 
 Paper: Wang, Singh, Michael, Hill, Levy, Bowman, "GLUE: A Multi-Task Benchmark and Analysis Platform for
 Natural Language Understanding", ICLR 2019, arXiv 1804.07461. GLUE scores each task with the metric that
@@ -12,12 +12,26 @@ unbalanced) and Pearson/Spearman correlation (STS-B, a regression task).
     Spearman  = Pearson of the ranks (ties get the mean of the ranks they span)
 
 `task_table` turns per-task predictions into a multi-task table, with the GLUE-style macro average.
+
+ROC AUC, the metric of TabLLM (Hegselmann et al., AISTATS 2023, arXiv 2210.10723), which ranks rows by a
+score instead of predicting a class: the probability that a random positive scores above a random
+negative, a tie counting one half. By the rank-sum (Mann-Whitney) identity, with P positives, N negatives
+and the same tie-averaged `ranks` as Spearman's,
+
+    AUC = (sum of the positives' ranks - P (P + 1) / 2) / (P N)
+
+With more than two classes `roc_auc_ovr` averages the one-vs-rest AUCs (class c against the rest, scored
+by p(c)) without weights, as scikit-learn's multi_class="ovr", average="macro" does.
+
+Copy: chapters/ch3_selective/glue_metrics.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import torch
 
 
 def _check(pred: Sequence, gold: Sequence) -> None:
@@ -81,6 +95,40 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(ranks(x), ranks(y))
 
 
+def roc_auc(y_true: torch.Tensor | Sequence, score: torch.Tensor | Sequence) -> float:
+    """Binary ROC AUC: P(score of a random positive > score of a random negative), ties counting 1/2."""
+    y = torch.as_tensor(y_true).flatten()
+    s = torch.as_tensor(score, dtype=torch.float64).flatten()
+    if len(y) != len(s):
+        raise ValueError(f"y_true has {len(y)} entries but score has {len(s)}")
+    if not torch.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"binary AUC needs labels 0/1, got values {torch.unique(y).tolist()}")
+    P, N = int((y == 1).sum()), int((y == 0).sum())
+    if P == 0 or N == 0:
+        raise ValueError(f"AUC needs both classes, got {P} positives and {N} negatives")
+    r = torch.tensor(ranks(s.tolist()), dtype=torch.float64)  # [n], ties share the mean rank
+    return float((r[y == 1].sum() - P * (P + 1) / 2) / (P * N))
+
+
+def roc_auc_ovr(y_true: torch.Tensor | Sequence, proba: torch.Tensor) -> float:
+    """One-vs-rest macro AUC: the mean over classes c of roc_auc(y == c, proba[:, c]). proba [n, C]."""
+    y = torch.as_tensor(y_true).flatten()
+    proba = torch.as_tensor(proba)
+    if proba.dim() != 2 or proba.shape[0] != len(y):
+        raise ValueError(f"proba must be [n={len(y)}, C], got shape {tuple(proba.shape)}")
+    if y.min() < 0 or y.max() >= proba.shape[1]:
+        raise ValueError(f"labels must be in [0, {proba.shape[1]}), got {torch.unique(y).tolist()}")
+    return sum(roc_auc((y == c).long(), proba[:, c]) for c in range(proba.shape[1])) / proba.shape[1]
+
+
+def auc(y_true: torch.Tensor | Sequence, proba: torch.Tensor) -> float:
+    """TabLLM's metric: binary AUC from p(class 1) for two classes, else the one-vs-rest macro AUC. proba [n, C]."""
+    proba = torch.as_tensor(proba)
+    return roc_auc(y_true, proba[:, 1]) if proba.dim() == 2 and proba.shape[1] == 2 else roc_auc_ovr(y_true, proba)
+
+
 METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
 
 
@@ -101,7 +149,6 @@ def task_table(results: dict[str, tuple[Sequence, Sequence, list[str]]]) -> str:
         lines.append(f"| {task} | " + ", ".join(f"{n} {v:.3f}" for n, v in values.items()) + f" | {score:.3f} |")
     lines.append(f"| average | | {sum(scores) / len(scores):.3f} |")
     return "\n".join(lines)
-
 
 
 SUITE = {"sentiment": ["accuracy", "f1", "matthews"], "family": ["accuracy"], "kv_recall": ["accuracy"]}

@@ -12,7 +12,7 @@ layer uses only the weights whose score passes a threshold. A task is stored as 
 What trains: the scores S of every targeted linear layer (same shape as its weight); by default all four
 projections of every block (c_attn, attn.c_proj, c_fc, mlp.c_proj): L * 12 d^2 scores.
 
-Choices (no official code was found; these are interpretations, flagged as such in the spec sheet):
+Choices (no official code was found, so these are our interpretations):
 tau = 5e-3 and S initialised uniformly in a narrow band around tau so that a fraction
 `initial_sparsity` of the weights starts masked out (default 0.05; 0 gives exactly the base model);
 biases stay frozen and unmasked; the tied head (wte) is not masked, and tasks use verbaliser tokens
@@ -21,21 +21,32 @@ instead of the paper's masked random classifier. Merging writes W * M into the l
 Known effect: Adam's first steps (about lr each) are wider than the initial band around tau, so the masked
 fraction does not stay at `initial_sparsity`: in our runs it grows from 5% to about 25% early on. We keep
 the narrow band, since a wider one would start from a model further from the base.
+The scores take the dtype and device of the weight they mask (the comparison with tau is made in that
+dtype, so initial_sparsity=0 keeps every weight in bfloat16 too). `count_learned_masks(config, targets)`
+is the trainable count by formula.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch3_selective/learned_masks.py
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, freeze, inject
+from minimal.peft import Mergeable, inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # "c_proj" matches attn.c_proj and mlp.c_proj
+# the nn.Linear layers of every GPT block, with their [out, in] shape in units of n_embd
+GPT_LINEARS = {"attn.c_attn": (3, 1), "attn.c_proj": (1, 1), "mlp.c_fc": (4, 1), "mlp.c_proj": (1, 4)}
 
 
 class MaskedLinear(Mergeable):
@@ -92,11 +103,23 @@ class MaskedLinear(Mergeable):
 
 def apply_learned_masks(model: GPT, targets: str | Iterable[str] = TARGETS, tau: float = 5e-3,
                         initial_sparsity: float = 0.05, seed: int = 0) -> Hooks:
-    """Freeze the model and wrap the target linears in MaskedLinear; only the scores train."""
-    freeze(model)
+    """Freeze the model and wrap the target linears in MaskedLinear; only the scores train.
+
+    Every layer is built (and its arguments checked) before the model changes.
+    """
     gen = torch.Generator().manual_seed(seed)
     inject(model, targets, lambda lin: MaskedLinear(lin, tau, initial_sparsity, generator=gen))
     return Hooks()
+
+
+def count_learned_masks(config: GPTConfig, targets: str | Iterable[str] = TARGETS) -> int:
+    """One score per weight of every targeted linear: L * 12 d^2 for the default targets."""
+    d = config.n_embd
+    shapes = {f"h.{i}.{name}": a * b * d * d for i in range(config.n_layer) for name, (a, b) in GPT_LINEARS.items()}
+    if isinstance(targets, str):  # a regular expression over the whole name, as in peft
+        return sum(n for name, n in shapes.items() if re.fullmatch(targets, name))
+    targets = list(targets)
+    return sum(n for name, n in shapes.items() if any(name == t or name.endswith("." + t) for t in targets))
 
 
 def mask_sparsity(model: nn.Module) -> dict[str, float]:

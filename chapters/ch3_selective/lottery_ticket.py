@@ -27,6 +27,11 @@ pruned weights stay exactly zero whatever AdamW's weight decay or momentum would
 paper's "masked gradients and re-masking after each step". Every round starts a fresh optimiser and the
 same schedule (the shared loop's). Choices: p is applied per tensor by default (the paper's rule for
 small networks; `per_layer=False` prunes globally, its rule for deep ones); one rate for all layers.
+`apply_lottery_ticket` returns the GradMask itself (a Hooks, n_trainable = the surviving and unpruned
+entries, `count_lottery_ticket`); `find_ticket` and `ticket_vs_random` run the shared loop, so they
+import minimal/train.py when called, and training the ticket alone needs only the files below.
+
+Copy: minimal/hooks.py, minimal/sparse.py, chapters/ch3_selective/lottery_ticket.py
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
-from minimal.hooks import Hooks
 from minimal.sparse import GradMask, Masks, check_masks
-from minimal.train import Batch, TrainConfig, train
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
+    from minimal.train import Batch, TrainConfig
 
 State = dict[str, torch.Tensor]
 
@@ -99,16 +106,22 @@ def rewind_to(model: nn.Module, state: State, masks: Masks) -> None:
         params[n].copy_(t * masks[n] if n in masks else t)
 
 
-def apply_lottery_ticket(model: nn.Module, masks: Masks) -> Hooks:
+def apply_lottery_ticket(model: nn.Module, masks: Masks) -> GradMask:
     """Train the subnetwork M: zero the pruned entries, everything else trains, pruned entries stay 0."""
-    check_masks(model, masks)
+    check_masks(model, masks)  # before anything changes
     for p in model.parameters():
         p.requires_grad_(True)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, m in masks.items():
-            params[n].mul_(m)
-    return GradMask(model, masks, restore=True).hooks()  # restore: pruned entries copied back to 0
+            params[n].mul_(m.to(params[n].device))
+    return GradMask(model, masks, restore=True)  # restore: pruned entries copied back to 0
+
+
+def count_lottery_ticket(config: GPTConfig, masks: Masks) -> int:
+    """Phi minus the pruned entries, Phi = V d + T d + L (12 d^2 + 13 d) + 2 d: what trains in the ticket."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d - sum(int((~m).sum()) for m in masks.values())
 
 
 def _saving_at(step_end: Callable, k: int, saved: dict[str, State]) -> Callable:
@@ -137,6 +150,8 @@ def find_ticket(model: nn.Module, get_batch: Callable[[torch.Generator], Batch],
     after k steps of the first round (for deeper networks). On return the model holds the ticket:
     M * theta_rewind, ready to be trained with apply_lottery_ticket(model, ticket.masks).
     """
+    from minimal.train import train  # the shared loop (tqdm); only this helper and ticket_vs_random need it
+
     if rounds <= 0:
         raise ValueError(f"rounds must be positive, got {rounds}")
     if not 0 <= rewind_step <= cfg.steps:
@@ -159,8 +174,9 @@ def find_ticket(model: nn.Module, get_batch: Callable[[torch.Generator], Batch],
 def random_reinit(model: nn.Module, masks: Masks, seed: int = 1) -> nn.Module:
     """The control: a copy with fresh random values drawn as at initialisation, pruned by the same masks."""
     torch.manual_seed(seed)
-    if isinstance(model, GPT):
-        fresh = GPT(model.config).to(next(model.parameters()).device)
+    if hasattr(model, "config"):  # a GPT: a new one of the same config, initialised as at construction
+        like = next(model.parameters())
+        fresh = type(model)(model.config).to(device=like.device, dtype=like.dtype)
     else:
         fresh = copy.deepcopy(model)
         for m in fresh.modules():
@@ -175,6 +191,8 @@ def random_reinit(model: nn.Module, masks: Masks, seed: int = 1) -> nn.Module:
 def ticket_vs_random(model: nn.Module, ticket: Ticket, get_batch: Callable[[torch.Generator], Batch],
                      cfg: TrainConfig, evaluate: Callable[[nn.Module], float], seed: int = 1) -> dict[str, float]:
     """Train the winning ticket and a random re-initialisation of the same mask identically; evaluate both."""
+    from minimal.train import train  # the shared loop (tqdm): imported only when a comparison runs
+
     winner = copy.deepcopy(model)
     rewind_to(winner, ticket.rewind_state, ticket.masks)
     control = random_reinit(model, ticket.masks, seed)

@@ -17,8 +17,10 @@ is simply added to a model, and two of them (a language phi_L and a task phi_T) 
 What trains: phase 1 everything maskable (every parameter except wte and the LayerNorms, as the
 released scripts freeze LayerNorm and the output embeddings); phase 2 exactly K entries.
 
-Implementation: `apply_lt_sft` runs phase 1 with the shared loop (a fresh optimiser, `full_steps`
-steps), selects, rewinds, and leaves the model re-parametrised as theta0 + M * Delta (the delta
+Implementation: `apply_lt_sft` runs phase 1 with its own short loop (`full_finetune`: the shared loop's
+recipe, AdamW with betas (0.9, 0.95), cosine from lr to lr/10 without warmup, gradients clipped to norm 1,
+written out so that this file does not need minimal/train.py), selects, rewinds, and leaves the model
+re-parametrised as theta0 + M * Delta (the delta
 parametrisation of `minimal.sparse`, so entries outside M are not parameters and stay bitwise theta0);
 the shared loop then runs phase 2 with its own fresh optimiser. `SparseDiff` is phi as an object
 (per-tensor flat indices and values) that can be added to or subtracted from a plain model, summed with
@@ -33,30 +35,40 @@ task phi is then measured from that model, exactly as in the paper's recipe.
 Departure from the released code: the selected entries train as the value vector of a sparse delta
 (`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
 the leaderboard's weight decay 0 the two agree.
+A failed apply leaves the model as it was (phase 1 rewinds in any case). Stacked on another method, LT-SFT
+leaves that method's parameters out of phase 1 and the mask: they keep training. `count_lt_sft(config,
+fraction)` is K by formula; the deltas take the dtype and device of their parameters.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/sparse.py, chapters/ch3_selective/lt_sft.py
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from minimal.data import Task, task_batch
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze
-from minimal.sparse import Masks, add_sparse_deltas, budget, mask_overlap, sparse_deltas, topk_mask
-from minimal.train import Batch, TrainConfig, train
+from minimal.peft import freeze_base
+from minimal.sparse import Masks, add_sparse_deltas, budget, mask_overlap, sparse_deltas, topk_mask, trained_before
 
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # idx [B, T], labels [B, T]
 State = dict[str, torch.Tensor]  # parameter name -> tensor
 
 
 def maskable_names(model: GPT) -> list[str]:
-    """Every parameter except the tied embedding/head (wte) and the LayerNorms."""
-    return [n for n, _ in model.named_parameters() if n != "wte.weight" and ".ln_" not in n and not n.startswith("ln_")]
+    """Every parameter except the tied embedding/head (wte), the LayerNorms and an earlier method's trainables."""
+    earlier = trained_before(model)
+    return [n for n, _ in model.named_parameters()
+            if n != "wte.weight" and ".ln_" not in n and not n.startswith("ln_") and n not in earlier]
 
 
 @torch.no_grad()
@@ -235,43 +247,79 @@ class Phase1:
     theta1: State  # the maskable tensors after phase 1
 
 
-def batch_source(data: Task | Callable[[torch.Generator], Batch], block_size: int,
-                 batch_size: int) -> Callable[[torch.Generator], Batch]:
-    if isinstance(data, Task):
+def batch_source(data: Any, block_size: int, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """get_batch(gen): random batches of a minimal.data.Task's train split, or `data` itself if it is callable."""
+    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
+        from minimal.data import task_batch
+
         return lambda gen: task_batch(data, batch_size, block_size, gen)
     if callable(data):
         return data
     raise TypeError(f"data must be a minimal.data.Task or a get_batch(gen) function, got {type(data).__name__}")
 
 
-def find_mask(model: GPT, get_batch: Callable[[torch.Generator], Batch], k: int, cfg: TrainConfig,
-              lam: float = 0.0) -> Phase1:
-    """Phase 1 (full fine-tune of the maskable tensors), selection of the top-k changes, rewind to theta0.
+def full_finetune(model: nn.Module, get_batch: Callable[[torch.Generator], Batch], steps: int, lr: float,
+                  seed: int = 0, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> list[float]:
+    """`steps` AdamW steps on the parameters that require grad; returns the losses.
 
-    On return the model holds theta0 again, bitwise, with the requires_grad flags it had.
+    The shared loop's recipe with its defaults (minimal/train.py, warmup 0, weight decay 0): the same seeds,
+    lr_t = lr/10 + (lr - lr/10) (1 + cos(pi t / steps)) / 2, gradients clipped to norm 1, betas (0.9, 0.95).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    losses, floor = [], lr * 0.1
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * min(step / max(1, steps), 1.0)))
+        idx, labels = (t.to(device) for t in get_batch(gen))
+        loss = model(idx, labels=labels).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"LT-SFT phase 1: the loss became {loss.item()} at step {step}; lower full_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
+            raise FloatingPointError(f"LT-SFT phase 1: a gradient became non-finite at step {step}; lower full_lr")
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def find_mask(model: GPT, get_batch: Callable[[torch.Generator], Batch], k: int, steps: int = 60, lr: float = 5e-4,
+              seed: int = 0, lam: float = 0.0) -> Phase1:
+    """Phase 1 (full fine-tune of the maskable tensors, `full_finetune`), selection of the top-k changes, rewind.
+
+    On return the model holds theta0 again, bitwise, with the requires_grad flags, the train/eval mode and
+    no .grad, as before; also when phase 1 raises.
     """
     names = maskable_names(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     theta0 = read_state(model, names)
     everything = read_state(model, flags)
-    freeze(model)
+    was_training = model.training
     params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
+    for n, p in params.items():
+        p.requires_grad_(n in theta0)
     extra = l1_pull(theta0, lam, sum(p.numel() for p in model.parameters())) if lam else None
     try:
-        train(model, get_batch, cfg, Hooks(extra_loss=extra), desc="lt-sft phase 1")
+        full_finetune(model, get_batch, steps, lr, seed, extra)
         theta1 = read_state(model, names)
     finally:
         rewind(model, everything)
         for n, f in flags.items():
             params[n].requires_grad_(f)
+            params[n].grad = None
+        model.train(was_training)
     return Phase1(most_changed_mask(theta0, theta1, k), theta0, theta1)
 
 
-def apply_lt_sft(model: GPT, data: Task | Callable[[torch.Generator], Batch], fraction: float = 0.005,
-                 full_steps: int = 60, full_lr: float = 5e-4, batch_size: int = 16, lam: float = 0.0,
-                 seed: int = 0) -> Hooks:
+def apply_lt_sft(model: GPT, data: Any, fraction: float = 0.005, full_steps: int = 60, full_lr: float = 5e-4,
+                 batch_size: int = 16, lam: float = 0.0, seed: int = 0) -> Hooks:
     """Phase 1 on `data` (a Task or get_batch(gen)), select K = floor(fraction * Phi), rewind, set up phase 2.
 
     Returns the hooks of phase 2 (the L1 pull when lam > 0); train with the shared loop, then read phi
@@ -279,13 +327,24 @@ def apply_lt_sft(model: GPT, data: Task | Callable[[torch.Generator], Batch], fr
     """
     if any(True for _ in sparse_deltas(model)):
         raise ValueError("the model already has sparse deltas; merge_sparse_deltas(model) first")
+    if isinstance(full_steps, bool) or not isinstance(full_steps, int) or full_steps <= 0:
+        raise ValueError(f"full_steps must be a positive int, got {full_steps!r}")
+    if not full_lr > 0 or lam < 0:
+        raise ValueError(f"full_lr must be positive and lam >= 0, got {full_lr}, {lam}")
     n_params = sum(p.numel() for p in model.parameters())  # Phi
     k = budget(fraction, n_params)
-    n_maskable = sum(p.numel() for n, p in model.named_parameters() if n in set(maskable_names(model)))
+    maskable = set(maskable_names(model))
+    n_maskable = sum(p.numel() for n, p in model.named_parameters() if n in maskable)
     if k > n_maskable:
         raise ValueError(f"fraction {fraction} asks for {k} entries but only {n_maskable} are maskable")
-    cfg = replace(TrainConfig(steps=full_steps, lr=full_lr, batch_size=batch_size, warmup=0, log_every=0), seed=seed)
-    phase1 = find_mask(model, batch_source(data, model.config.block_size, batch_size), k, cfg, lam)
-    freeze(model)
+    get_batch = batch_source(data, model.config.block_size, batch_size)
+    phase1 = find_mask(model, get_batch, k, full_steps, full_lr, seed, lam)
+    freeze_base(model)
     add_sparse_deltas(model, phase1.mask)
     return Hooks(extra_loss=l1_pull(phase1.theta0, lam, n_params) if lam else None)
+
+
+def count_lt_sft(config: GPTConfig, fraction: float = 0.005) -> int:
+    """K = floor(fraction * Phi), Phi = V d + T d + L (12 d^2 + 13 d) + 2 d (every parameter of the GPT)."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    return int(fraction * (V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d))

@@ -32,22 +32,37 @@ restoring unselected entries (so they are fixed only with weight decay 0).
 Departure from the released code: the selected entries train as the value vector of a sparse delta
 (`minimal.sparse`), which is 1-D and so never weight-decayed (the loop decays matrices only); with
 the leaderboard's weight decay 0 the two agree.
+Stacked on another method, SAM leaves that method's parameters out of the scoring: they keep training.
+`count_sam(config, fraction, per_tensor, exclude)` is the trainable count by formula; the deltas take the
+dtype and device of their parameters.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/sparse.py, chapters/ch3_selective/sam.py
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from minimal.data import Task, collate
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import freeze
-from minimal.sparse import GradMask, Masks, add_sparse_deltas, sparse_deltas, sum_batch_gradients, topk_mask
-from minimal.train import Batch
+from minimal.peft import freeze_base
+from minimal.sparse import (
+    GradMask,
+    Masks,
+    add_sparse_deltas,
+    sparse_deltas,
+    sum_batch_gradients,
+    topk_mask,
+    trained_before,
+)
 
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # idx [B, T], labels [B, T]
 IMPLEMENTATIONS = ("delta", "grad_mask")
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -115,12 +130,14 @@ def sam_mask(scores: dict[str, torch.Tensor], fraction: float = 0.005, per_tenso
 # ------------------------------------------------------------------------------------------ apply
 
 
-def burn_in_batches(data: Task | Iterable[Batch], block_size: int, batch_size: int = 16,
-                    n_batches: int = 32, seed: int = 0) -> list[Batch]:
-    """n_batches (idx, labels) batches: drawn at random from a Task's train split, or the given ones."""
-    if n_batches <= 0:
-        raise ValueError(f"n_batches must be positive, got {n_batches}")
-    if isinstance(data, Task):
+def burn_in_batches(data: Any, block_size: int, batch_size: int = 16, n_batches: int = 32,
+                    seed: int = 0) -> list[Batch]:
+    """n_batches (idx, labels) batches: drawn at random from a minimal.data.Task's train split, or the given ones."""
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches <= 0:
+        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
+    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
+        from minimal.data import collate
+
         gen = torch.Generator().manual_seed(seed)
         train = data.train
         picks = [torch.randint(0, len(train), (batch_size,), generator=gen).tolist() for _ in range(n_batches)]
@@ -132,27 +149,49 @@ def burn_in_batches(data: Task | Iterable[Batch], block_size: int, batch_size: i
     return batches
 
 
-def apply_sam(model: GPT, data: Task | Iterable[Batch], fraction: float = 0.005, n_batches: int = 32,
-              batch_size: int = 16, exclude: tuple[str, ...] = ("wte.weight",), per_tensor: bool = True,
-              implementation: str = "delta", seed: int = 0) -> Hooks:
-    """Burn-in on `data` (a Task or (idx, labels) batches), select by |G| per tensor, train only those entries."""
+def apply_sam(model: GPT, data: Any, fraction: float = 0.005, n_batches: int = 32, batch_size: int = 16,
+              exclude: tuple[str, ...] = ("wte.weight",), per_tensor: bool = True, implementation: str = "delta",
+              seed: int = 0) -> Hooks:
+    """Burn-in on `data` (a Task or (idx, labels) batches), select by |G| per tensor, train only those entries.
+
+    The burn-in and the selection (and every check) happen before the model changes.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if any(True for _ in sparse_deltas(model)):
         raise ValueError("the model already has sparse deltas; merge_sparse_deltas(model) first")
     params = dict(model.named_parameters())
     unknown = [e for e in exclude if e not in params]
     if unknown:
         raise ValueError(f"exclude names unknown parameters {unknown}; parameters are e.g. {list(params)[:5]}")
+    earlier = trained_before(model)
+    names = [n for n in params if n not in exclude and n not in earlier]
+    if not names:
+        raise ValueError("no parameter left to score: all are excluded or trained by an earlier method")
     device = next(model.parameters()).device
     batches = [(i.to(device), y.to(device)) for i, y in
                burn_in_batches(data, model.config.block_size, batch_size, n_batches, seed)]
-    G = accumulated_gradient(model, batches, [n for n in params if n not in exclude])
+    G = accumulated_gradient(model, batches, names)
     mask = {n: m for n, m in sam_mask(G, fraction, per_tensor).items() if bool(m.any())}
-    freeze(model)
+    freeze_base(model)
     if implementation == "delta":
         add_sparse_deltas(model, mask)
         return Hooks()
     for n in mask:
         params[n].requires_grad_(True)
-    return GradMask(model, mask, restore=False).hooks()
+    return GradMask(model, mask, restore=False)
+
+
+def count_sam(config: GPTConfig, fraction: float = 0.005, per_tensor: bool = True,
+              exclude: tuple[str, ...] = ("wte.weight",)) -> int:
+    """sum over the scored tensors of floor(fraction * numel) (per tensor), or floor(fraction * all scored)."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    block = {"ln_1.weight": d, "ln_1.bias": d, "attn.c_attn.weight": 3 * d * d, "attn.c_attn.bias": 3 * d,
+             "attn.c_proj.weight": d * d, "attn.c_proj.bias": d, "ln_2.weight": d, "ln_2.bias": d,
+             "mlp.c_fc.weight": 4 * d * d, "mlp.c_fc.bias": 4 * d, "mlp.c_proj.weight": 4 * d * d, "mlp.c_proj.bias": d}
+    sizes = {"wte.weight": V * d, "wpe.weight": T * d, **{f"h.{i}.{n}": s for i in range(L) for n, s in block.items()},
+             "ln_f.weight": d, "ln_f.bias": d}
+    scored = [s for n, s in sizes.items() if n not in exclude]
+    return sum(int(fraction * s) for s in scored) if per_tensor else int(fraction * sum(scored))

@@ -2,7 +2,6 @@
 
 Paper: Wenhan Xia, Chengwei Qin, Elad Hazan, "Chain of LoRA: Efficient Fine-tuning of Language Models via
 Residual Learning", 2024, arXiv 2401.04151.
-Builds on lora.py and relora.py (merge_and_reinit): copy both with this file.
 
 Idea: split the step budget into M links. Train a LoRA, "tie a knot" (fold it into the weights), and start a
 fresh LoRA that learns what is still missing; like Frank-Wolfe, each link adds a low-rank correction, so the
@@ -15,7 +14,10 @@ total update can reach rank M r at LoRA's memory cost.
 What trains: the current link's A and B of the targeted layers (the same count as LoRA: r (in + out) each).
 The biases, LayerNorms and embeddings stay frozen; W changes only at knots.
 
-Choices (spec sheet section 18 and decision 15):
+Loop (minimal/hooks.py; apply_chain_of_lora returns the ChainOfLoRA controller): setup reads the run length
+T = cfg.steps and places the knots; step_end ties a knot at the start of links 2..M.
+
+Choices:
 - one global learning-rate schedule across links (the paper adds no re-warmups); `link_warmup=n` re-warms the
   lr from 0 over n steps after every knot, as an option;
 - at a knot the optimizer state of A and B is dropped, so the new link starts from fresh Adam moments;
@@ -23,21 +25,25 @@ Choices (spec sheet section 18 and decision 15):
   steps has fewer links: one per step); every link has the same rank
   (the paper's rank step-down ablation, e.g. 8 -> 4 -> 2, is not implemented);
 - M = 1 is plain LoRA, step for step (a test checks it).
-"""
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/relora.py, chapters/ch4_low_rank/chain_of_lora.py
+"""  # noqa: E501
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import apply_lora
-from chapters.ch4_low_rank.relora import jagged_cosine_lr, lora_layers, merge_and_reinit
-from minimal.gpt import GPT
+from chapters.ch4_low_rank.lora import apply_lora, count_lora
+from chapters.ch4_low_rank.relora import lora_layers, merge_and_reinit, set_lr_scale
 from minimal.hooks import Hooks
-from minimal.train import TrainConfig, default_optimizer, lr_at
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 
 def knot_steps(total_steps: int, links: int) -> list[int]:
@@ -56,42 +62,50 @@ def tie_knot(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     return n
 
 
+class ChainOfLoRA(Hooks):
+    """Ties a knot at the start of links 2..M of the run (and optionally re-warms the lr after each)."""
+
+    def __init__(self, links: int, link_warmup: int) -> None:
+        super().__init__()
+        self.links, self.link_warmup = links, link_warmup
+        self.cfg: Any = None  # the run's TrainConfig, from setup()
+        self.knots: list[int] = []
+
+    def setup(self, model: nn.Module, cfg: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Before step 0: the knots of this run (cfg.steps)."""
+        if self.link_warmup and self.link_warmup >= cfg.steps / self.links:
+            raise ValueError(f"link_warmup ({self.link_warmup}) must be shorter than a link "
+                             f"({cfg.steps / self.links:g} steps)")
+        self.cfg, self.knots = cfg, knot_steps(cfg.steps, self.links)
+
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.cfg is None:
+            raise RuntimeError("Chain of LoRA: setup(model, cfg, optimizer) has not run (train() calls it first)")
+        if step + 1 in self.knots:
+            tie_knot(model, optimizer)
+        if self.link_warmup:
+            set_lr_scale(optimizer, step + 1, self.cfg, self.knots, self.link_warmup)
+
+
 def apply_chain_of_lora(
-    model: GPT,
+    model: nn.Module,
     r: int = 8,
     alpha: float = 16.0,
     targets: str | Iterable[str] = ("c_attn",),
     links: int = 3,
     link_warmup: int = 0,
     dropout: float = 0.0,
-) -> Hooks:
-    """Freeze the model, wrap the targets in LoRA, and tie a knot at the start of links 2..M.
-
-    The hooks read the run length from the TrainConfig given to hooks.make_optimizer (train() calls it).
-    """
+) -> ChainOfLoRA:
+    """Wrap the targets in LoRA (the rest frozen); return the controller (the loop's hooks) that ties a knot
+    at the start of links 2..M. The run length comes from the loop's TrainConfig, in setup."""
     if not isinstance(links, int) or isinstance(links, bool) or links <= 0:
         raise ValueError(f"links (the chain length M) must be a positive int, got {links!r}")
-    if not isinstance(link_warmup, int) or link_warmup < 0:
+    if not isinstance(link_warmup, int) or isinstance(link_warmup, bool) or link_warmup < 0:
         raise ValueError(f"link_warmup must be a non-negative int, got {link_warmup!r}")
     apply_lora(model, r=r, alpha=alpha, targets=targets, dropout=dropout)
-    run: dict = {}
+    return ChainOfLoRA(links, link_warmup)
 
-    def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-        run["cfg"], run["knots"] = cfg, knot_steps(cfg.steps, links)
-        if link_warmup and link_warmup >= cfg.steps / links:
-            raise ValueError(f"link_warmup ({link_warmup}) must be shorter than a link ({cfg.steps / links:g} steps)")
-        return default_optimizer(params, cfg)
 
-    def step_end(model: nn.Module, step: int, opt: torch.optim.Optimizer) -> None:
-        if "cfg" not in run:
-            raise RuntimeError("Chain-of-LoRA hooks: call hooks.make_optimizer(params, cfg) first (train() does)")
-        if step + 1 in run["knots"]:
-            tie_knot(model, opt)
-        if link_warmup and step + 1 < run["cfg"].steps:
-            cfg = run["cfg"]
-            env = lr_at(step + 1, cfg)
-            scale = jagged_cosine_lr(step + 1, cfg, run["knots"], link_warmup) / env if env > 0 else 0.0
-            for group in opt.param_groups:
-                group["lr_scale"] = scale
-
-    return Hooks(step_end=step_end, make_optimizer=make_optimizer)
+def count_chain_of_lora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries: one link at a time, LoRA's r (in + out) per adapted layer."""
+    return count_lora(config, r, targets)

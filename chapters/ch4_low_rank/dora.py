@@ -17,7 +17,7 @@ At init B = 0 and m = ||W0||_row, so W' = W0 and the output equals the base mode
 What trains: A, B (as in LoRA) and the magnitude m [out] of every targeted layer; count per layer is
 r (in + out) + out.
 
-Choices where paper and released code differ (spec sheet sections 6 and 30; peft conventions section 3):
+Choices where paper and released code differ (we follow peft, the reference our oracle test checks):
 - Norm axis: the paper's "column-wise" norm on W in R^{d x k} is a norm per output unit; with torch's
   [out, in] weight that is the norm over the input axis, dim=1 (as peft computes it).
 - Detached norm: n is treated as a constant in backprop (paper section 4.3, the official `dora_simple`,
@@ -28,20 +28,26 @@ Choices where paper and released code differ (spec sheet sections 6 and 30; peft
 - Merge is not additive: merge writes W' into the base weight and keeps n; unmerge inverts it,
   W0 = W' / (m/n) - s B A (as peft does; the official code cannot unmerge).
 
-This file builds on lora.py (it subclasses LoRALinear): copy minimal/ with lora.py and dora.py.
+dtype: m and the norm n are computed in the weight's dtype, like A and B (lora.py).
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/dora.py
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chapters.ch4_low_rank.lora import LoRALinear
+from chapters.ch4_low_rank.lora import LoRALinear, target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import freeze, inject
+from minimal.peft import inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 
 class DoRALinear(LoRALinear):
@@ -128,9 +134,13 @@ def apply_dora(
     detach_norm: bool = True,
 ) -> Hooks:
     """Freeze `model` and wrap every targeted nn.Linear in a DoRALinear (A, B and m train)."""
-    freeze(model)
     inject(
         model, targets,
         lambda lin: DoRALinear(lin, r=r, alpha=alpha, rslora=rslora, dropout=dropout, detach_norm=detach_norm),
     )
     return Hooks()
+
+
+def count_dora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_dora: r (in + out) + out per adapted layer."""
+    return sum(r * (o + i) + o for o, i in target_shapes(config, targets).values())

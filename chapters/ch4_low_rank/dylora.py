@@ -16,13 +16,13 @@ Equations (nn.Linear layout, LoRA's convention from lora.py: A [r_max, in], B [o
 
 What trains: A and B of every targeted layer, r_max (in + out) per layer (as a LoRA of rank r_max).
 
-Loop (minimal/train.py hooks): a forward pre-hook on the model draws b at every forward in train mode and
-sets it on every DyLoRA layer (eval mode uses each layer's serving rank, r_max unless set_rank says
-otherwise); after_backward zeroes the gradients outside the updated components and keeps a copy of A, B;
-step_end copies the components that must not change back (Adam's moments and weight decay would otherwise
-still move them).
+Loop (minimal/hooks.py; apply_dylora returns the RankSampler): a forward pre-hook on the model draws b at
+every forward in train mode and sets it on every DyLoRA layer (eval mode uses each layer's serving rank,
+r_max unless set_rank says otherwise); after_backward zeroes the gradients outside the updated components
+and keeps a copy of A, B; step_end copies the components that must not change back (Adam's moments and
+weight decay would otherwise still move them).
 
-Choices where paper and released code differ (spec sheet sections 24 and 30):
+Choices where paper and released code differ:
 - One b per step shared by every adapted matrix (the paper's description); per_module=True draws one per
   layer instead.
 - Frozen mode restores the other components after the optimizer step rather than only masking gradients
@@ -31,19 +31,23 @@ Choices where paper and released code differ (spec sheet sections 24 and 30):
   rescale is a different algorithm and is not followed.
 - Init: A kaiming-uniform, B = 0, as LoRA, so the output equals the base model's at every rank.
 
-This file builds on lora.py (it subclasses LoRALinear): copy minimal/ with lora.py and dylora.py.
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/dylora.py
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import LoRALinear
+from chapters.ch4_low_rank.lora import LoRALinear, count_lora
 from minimal.hooks import Hooks
-from minimal.peft import freeze, inject, mergeable_modules
+from minimal.peft import inject, mergeable_modules
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 
 class DyLoRALinear(LoRALinear):
@@ -94,10 +98,11 @@ def set_rank(model: nn.Module, b: int) -> None:
         layer.set_serve_rank(b)
 
 
-class RankSampler:
+class RankSampler(Hooks):
     """Draws the training rank before each train-mode forward and keeps the other components fixed."""
 
     def __init__(self, layers: list[DyLoRALinear], r_min: int, mode: str, per_module: bool, seed: int) -> None:
+        super().__init__()
         self.layers, self.r_min, self.mode, self.per_module = layers, r_min, mode, per_module
         self.generator = torch.Generator().manual_seed(seed)
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -140,9 +145,6 @@ class RankSampler:
             layer.B[:, fixed] = B[:, fixed]
         self.saved = []
 
-    def hooks(self) -> Hooks:
-        return Hooks(after_backward=self.after_backward, step_end=self.step_end)
-
 
 def apply_dylora(
     model: nn.Module,
@@ -154,10 +156,10 @@ def apply_dylora(
     per_module: bool = False,
     seed: int = 0,
     dropout: float = 0.0,
-) -> Hooks:
-    """Freeze `model`, wrap every target in a DyLoRALinear of rank r (= r_max) and draw b every training step.
+) -> RankSampler:
+    """Wrap every target in a DyLoRALinear of rank r (= r_max; the rest frozen); draw b every training step.
 
-    The sampler is `hooks.step_end.__self__` (its `history` lists the drawn ranks); serve with set_rank().
+    Returns the sampler, the loop's hooks (its `history` lists the drawn ranks); serve with set_rank().
     """
     if mode not in ("frozen", "nested"):
         raise ValueError(f"mode must be 'frozen' (paper default) or 'nested', got {mode!r}")
@@ -165,8 +167,12 @@ def apply_dylora(
         raise ValueError(f"DyLoRA rank r (= r_max) must be a positive int, got {r!r}")
     if not isinstance(r_min, int) or not 1 <= r_min <= r:
         raise ValueError(f"r_min={r_min!r} must be an int in [1, r={r}]")
-    freeze(model)
     names = inject(model, targets, lambda lin: DyLoRALinear(lin, r=r, alpha=alpha, dropout=dropout))
     sampler = RankSampler([model.get_submodule(n) for n in names], r_min, mode, per_module, seed)
     model.register_forward_pre_hook(sampler.pre_forward)
-    return sampler.hooks()
+    return sampler
+
+
+def count_dylora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_dylora: a LoRA of rank r_max, r (in + out) per adapted layer."""
+    return count_lora(config, r, targets)

@@ -20,29 +20,39 @@ Optimizer state per matrix: the projector (m r or n r) plus two moments of r * m
 Adam's 2 m n. Vectors (biases, LayerNorms) and, as in the paper, the embedding get plain Adam(W).
 
 What trains: every parameter (this is full fine-tuning); only the optimizer differs. `apply_galore` puts the
-block linear weights named by `targets` in the projected group.
+block linear weights named by `targets` in the projected group and returns a `GaLore` hooks object whose
+`make_optimizer` builds the GaLoreAdamW from the loop's TrainConfig (lr, betas, weight decay).
 
-Choices (spec sheet section 8 and decision 6):
+Choices (where the paper and the released code differ, or leave it open):
 - the moments are NOT re-projected or reset when the projector is refreshed (as the released code); they are
   reused as they are in the new coordinates. `reset_on_refresh=True` zeroes them for the ablation;
 - Adam's normalisation is torch.optim.Adam's (eps added after the bias-corrected square root), so a GaLore
   step with the identity as projector is exactly torch.optim.Adam's step (a test checks it);
 - only the paper's "std" side rule is implemented (the code also has reverse/left/right/two-sided types);
-  no 8-bit states and no per-layer updates inside backward (they matter at 7B scale, not here).
+  no 8-bit states and no per-layer updates inside backward (they matter at 7B scale, not here);
+- GaLore trains every parameter, so it must be the first method on a model (stacked, it raises).
+
+dtype and device: the projector and the moments take the gradient's dtype and device (the SVD runs in
+float32 at least). `count_galore` is the trainable count as a formula of the GPT config.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/galore.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.peft import find_linears
-from minimal.train import TrainConfig
+from minimal.peft import APPLIED, find_linears, freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
+    from minimal.train import TrainConfig
 
 
 def project(grad: torch.Tensor, side: str, P: torch.Tensor) -> torch.Tensor:
@@ -56,10 +66,10 @@ def project_back(update: torch.Tensor, side: str, P: torch.Tensor, alpha: float)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
-    """AdamW whose param groups with `rank` set run Adam on rank-r projections of 2-D gradients.
+    """AdamW whose param groups with `r` set run Adam on rank-r projections of 2-D gradients.
 
-    Group keys: lr, betas, eps, weight_decay, and for projected groups rank (int), update_every (T),
-    alpha (the back-projection scale). A group without `rank` (None) is plain AdamW.
+    Group keys: lr, betas, eps, weight_decay, and for projected groups r (the rank), period (T, steps between
+    projector refreshes), alpha (the back-projection scale). A group whose `r` is None is plain AdamW.
     """
 
     def __init__(
@@ -69,42 +79,45 @@ class GaLoreAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        rank: int | None = None,
-        update_every: int = 200,
+        r: int | None = None,
+        period: int = 200,
         alpha: float = 0.25,
         reset_on_refresh: bool = False,
     ) -> None:
         if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"bad Adam settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_every=update_every, alpha=alpha, reset_on_refresh=reset_on_refresh)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r, period=period, alpha=alpha,
+                        reset_on_refresh=reset_on_refresh)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
 
     @staticmethod
     def _check_group(group: dict) -> None:
-        rank = group["rank"]
-        if rank is None:
+        r = group["r"]
+        if r is None:
             return
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"GaLore rank must be a positive int, got {rank!r}")
-        if not isinstance(group["update_every"], int) or group["update_every"] <= 0:
-            raise ValueError(f"GaLore update_every (T) must be a positive int, got {group['update_every']!r}")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"GaLore rank r must be a positive int, got {r!r}")
+        period = group["period"]
+        if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
+            raise ValueError(f"GaLore period (T, steps between projector refreshes) must be a positive int, "
+                             f"got {period!r}")
         if not group["alpha"] > 0:
             raise ValueError(f"GaLore alpha must be positive, got {group['alpha']}")
         for p in group["params"]:
             if p.dim() != 2:
                 raise ValueError(f"GaLore projects 2-D parameters only; got one of shape {tuple(p.shape)}")
-            if rank > min(p.shape):
-                raise ValueError(f"GaLore rank {rank} exceeds min(m, n) = {min(p.shape)} of a {tuple(p.shape)} matrix")
+            if r > min(p.shape):
+                raise ValueError(f"GaLore rank r={r} exceeds min(m, n) = {min(p.shape)} of a {tuple(p.shape)} matrix")
 
-    def compute_projector(self, grad: torch.Tensor, rank: int) -> tuple[str, torch.Tensor]:
+    def compute_projector(self, grad: torch.Tensor, r: int) -> tuple[str, torch.Tensor]:
         """('left', U[:, :r] [m, r]) when m < n, else ('right', V[:, :r] [n, r]), from the SVD of grad [m, n]."""
-        U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)  # U [m, k], Vh [k, n]
+        work = torch.promote_types(grad.dtype, torch.float32)  # no bfloat16 SVD
+        U, _, Vh = torch.linalg.svd(grad.to(work), full_matrices=False)  # U [m, k], Vh [k, n]
         if grad.shape[0] < grad.shape[1]:
-            return "left", U[:, :rank].to(grad.dtype).contiguous()  # [m, r]
-        return "right", Vh[:rank].T.to(grad.dtype).contiguous()  # [n, r]
+            return "left", U[:, :r].to(grad.dtype).contiguous()  # [m, r]
+        return "right", Vh[:r].T.to(grad.dtype).contiguous()  # [n, r]
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's Optimizer.step signature)
@@ -118,12 +131,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad, state = p.grad, self.state[p]
-                projected = group["rank"] is not None
+                projected = group["r"] is not None
                 if not state:
                     state["step"] = 0
-                if projected and state["step"] % group["update_every"] == 0:
+                if projected and state["step"] % group["period"] == 0:
                     refreshed = "projector" in state
-                    state["side"], state["projector"] = self.compute_projector(grad, group["rank"])
+                    state["side"], state["projector"] = self.compute_projector(grad, group["r"])
                     if refreshed and group["reset_on_refresh"]:
                         state["exp_avg"].zero_()
                         state["exp_avg_sq"].zero_()
@@ -153,14 +166,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(t))
 
 
-def galore_state_numel(shape: tuple[int, int], rank: int) -> int:
+def galore_state_numel(shape: tuple[int, int], r: int) -> int:
     """Numbers GaLore keeps for one [m, n] matrix: the projector on the short side, two moments on the long one.
 
     m < n (left): P [m, r], moments [r, n];  m >= n (right): Q [n, r], moments [m, r].
     """
     m, n = shape
     short, long = (m, n) if m < n else (n, m)
-    return rank * short + 2 * rank * long
+    return r * short + 2 * r * long
 
 
 def adam_state_numel(shape: tuple[int, ...]) -> int:
@@ -168,37 +181,54 @@ def adam_state_numel(shape: tuple[int, ...]) -> int:
     return 2 * math.prod(shape)
 
 
-def apply_galore(
-    model: GPT,
-    rank: int = 16,
-    update_every: int = 50,
-    alpha: float = 0.25,
-    targets: str | Iterable[str] = ("c_attn", "c_proj", "c_fc"),
-    reset_on_refresh: bool = False,
-) -> Hooks:
-    """Train every parameter; the targeted linear weights get GaLore's projected Adam, the rest AdamW.
+class GaLore(Hooks):
+    """The hooks of a GaLore run: its optimizer. The projected weights are chosen at apply time."""
 
-    Returns Hooks whose make_optimizer builds the GaLoreAdamW (betas and weight decay from TrainConfig; the
-    decay applies to matrices only, like the default optimizer).
-    """
-    names = find_linears(model, targets)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    projected_ids = {id(model.get_submodule(n).weight) for n in names}
-    for n in names:  # fail at apply time, not at the first step
-        GaLoreAdamW._check_group({"rank": rank, "update_every": update_every, "alpha": alpha,
-                                  "params": [model.get_submodule(n).weight]})
+    def __init__(self, projected: list[nn.Parameter], r: int, period: int, alpha: float,
+                 reset_on_refresh: bool) -> None:
+        super().__init__()
+        self.projected_ids = {id(p) for p in projected}
+        self.r, self.period, self.alpha, self.reset_on_refresh = r, period, alpha, reset_on_refresh
 
-    def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-        low = [p for p in params if id(p) in projected_ids]
-        mats = [p for p in params if id(p) not in projected_ids and p.dim() >= 2]
-        vecs = [p for p in params if id(p) not in projected_ids and p.dim() < 2]
+    def make_optimizer(self, params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+        """GaLoreAdamW with lr, betas and weight decay from `cfg`; the decay applies to matrices only (as AdamW's)."""
+        low = [p for p in params if id(p) in self.projected_ids]
+        mats = [p for p in params if id(p) not in self.projected_ids and p.dim() >= 2]
+        vecs = [p for p in params if id(p) not in self.projected_ids and p.dim() < 2]
         groups = [
-            {"params": low, "rank": rank, "weight_decay": cfg.weight_decay},
+            {"params": low, "r": self.r, "weight_decay": cfg.weight_decay},
             {"params": mats, "weight_decay": cfg.weight_decay},
             {"params": vecs, "weight_decay": 0.0},
         ]
-        return GaLoreAdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, rank=None,
-                           update_every=update_every, alpha=alpha, reset_on_refresh=reset_on_refresh)
+        return GaLoreAdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, r=None,
+                           period=self.period, alpha=self.alpha, reset_on_refresh=self.reset_on_refresh)
 
-    return Hooks(make_optimizer=make_optimizer)
+
+def apply_galore(
+    model: nn.Module,
+    r: int = 16,
+    period: int = 50,
+    alpha: float = 0.25,
+    targets: str | Iterable[str] = ("c_attn", "c_proj", "c_fc"),
+    reset_on_refresh: bool = False,
+) -> GaLore:
+    """Train every parameter; the targeted linear weights get GaLore's projected Adam, the rest AdamW.
+
+    Returns the GaLore hooks, whose make_optimizer builds the GaLoreAdamW (called by the training loop).
+    """
+    if getattr(model, APPLIED, 0):
+        raise ValueError("GaLore trains every parameter; apply it to a model without another method")
+    names = find_linears(model, targets)
+    projected = [model.get_submodule(n).weight for n in names]
+    for w in projected:  # fail at apply time, not at the first step
+        GaLoreAdamW._check_group({"r": r, "period": period, "alpha": alpha, "params": [w]})
+    freeze_base(model)  # marks the model as carrying a method; then everything trains
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return GaLore(projected, r, period, alpha, reset_on_refresh)
+
+
+def count_galore(config: GPTConfig) -> int:
+    """Trainable entries after apply_galore: every parameter of the GPT, V d + T d + L (12 d^2 + 13 d) + 2 d."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d

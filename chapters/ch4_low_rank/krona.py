@@ -25,8 +25,8 @@ What trains: KronA: A and B of each targeted layer, a1 a2 + b1 b2 numbers. KAdap
 n^3 numbers per projection type (e.g. one set for every `attn.c_attn`), plus u_i, v_i per layer,
 n r (out/n + in/n) = r (in + out) numbers. Everything else is frozen.
 
-Choices (spec sheet sections 4, 5 and decisions 8, 9):
-- KronA init: the paper's init is not recoverable from our sources; A is kaiming-uniform (nn.Linear's
+Choices (where the papers leave it open or the released code differs):
+- KronA init: neither the paper nor a released code fixes one; A is kaiming-uniform (nn.Linear's
   default) and B = 0, so dW = 0 at init as in LoRA. Default factor shapes: the divisors of out and of in
   closest to their square roots (override with `a_shape`). Only the parallel-to-a-weight form is here,
   not the FFN-level KronA^B variants.
@@ -35,18 +35,28 @@ Choices (spec sheet sections 4, 5 and decisions 8, 9):
   v_i = 0 (dW = 0 at init), and each projection type has its own factors. A_i are full n x n matrices (the
   code factorises them to rank 1 as well); no branch bias and no dropout on dW (the code has both).
   `share=False` gives every layer its own A_i (the ablation that shows what sharing saves).
+
+dtype and device follow the weight each factor attaches to (the shared A_i: the first layer of its type).
+`count_krona` / `count_kadaptation` are the trainable counts as formulas of the GPT config.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/krona.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from chapters.ch4_low_rank.lora import target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
+from minimal.peft import Mergeable, find_linears, freeze_base, inject, replace_module
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 
 def closest_divisor(n: int, target: float) -> int:
@@ -105,18 +115,18 @@ class KronALinear(Mergeable):
 def apply_krona(model: nn.Module, a_shape: tuple[int, int] | None = None, scale: float = 1.0,
                 targets: str | Iterable[str] = ("c_attn",)) -> Hooks:
     """Freeze `model` and wrap every targeted nn.Linear in a KronALinear (one A, B pair per layer)."""
-    freeze(model)
-    names = find_linears(model, targets)
-    wrapped = {n: KronALinear(model.get_submodule(n), a_shape, scale) for n in names}  # validate all first
-    for name, module in wrapped.items():
-        replace_module(model, name, module)
+    inject(model, targets, lambda lin: KronALinear(lin, a_shape, scale))  # builds (validates) every layer first
     return Hooks()
 
 
-def n_krona_params(out_features: int, in_features: int, a_shape: tuple[int, int] | None = None) -> int:
-    """a1 a2 + b1 b2 for one adapted matrix."""
-    (a1, a2), (b1, b2) = kron_shapes(out_features, in_features, a_shape)
-    return a1 * a2 + b1 * b2
+def count_krona(config: GPTConfig, a_shape: tuple[int, int] | None = None,
+                targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_krona: a1 a2 + b1 b2 per adapted layer."""
+    total = 0
+    for o, i in target_shapes(config, targets).values():
+        (a1, a2), (b1, b2) = kron_shapes(o, i, a_shape)
+        total += a1 * a2 + b1 * b2
+    return total
 
 
 # ------------------------------------------------------------------------------------------ KAdaptation
@@ -180,23 +190,31 @@ def apply_kadaptation(model: nn.Module, n: int = 4, r: int = 1, scale: float = 1
 
     The projection type is the name without its layer index ("h.3.attn.c_attn" -> "attn.c_attn").
     """
-    if not isinstance(n, int) or n <= 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"KAdaptation n must be a positive int, got {n!r}")
-    freeze(model)
     names = find_linears(model, targets)
     slow: dict[str, SlowWeights] = {}
     wrapped = {}
     for name in names:
-        kind = name.split(".", 2)[-1] if share and name.startswith("h.") else name
         lin = model.get_submodule(name)
+        kind = projection_type(name, share)
         if kind not in slow:
             slow[kind] = SlowWeights(n, lin.weight.device, lin.weight.dtype)
-        wrapped[name] = KAdaptationLinear(lin, slow[kind], r, scale)  # validate every layer before replacing
+        wrapped[name] = KAdaptationLinear(lin, slow[kind], r, scale)  # validate every layer before any change
+    freeze_base(model)
     for name, module in wrapped.items():
         replace_module(model, name, module)
     return Hooks()
 
 
-def n_kadaptation_params(shapes: list[tuple[int, int]], n_types: int, n: int, r: int) -> int:
-    """n^3 per projection type (shared A_i) + r (out + in) per adapted layer of shape (out, in)."""
-    return n_types * n**3 + sum(r * (o + i) for o, i in shapes)
+def projection_type(name: str, share: bool = True) -> str:
+    """The key that shares slow weights: "h.3.attn.c_attn" -> "attn.c_attn" (share=False: the full name)."""
+    return name.split(".", 2)[-1] if share and name.startswith("h.") else name
+
+
+def count_kadaptation(config: GPTConfig, n: int = 4, r: int = 1, targets: str | Iterable[str] = ("c_attn",),
+                      share: bool = True) -> int:
+    """Trainable entries after apply_kadaptation: n^3 per projection type (shared A_i) + r (in + out) per layer."""
+    shapes = target_shapes(config, targets)
+    n_types = len({projection_type(name, share) for name in shapes})
+    return n_types * n**3 + sum(r * (o + i) for o, i in shapes.values())

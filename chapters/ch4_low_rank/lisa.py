@@ -15,24 +15,35 @@ every K steps; Adam keeps state for the active tensors only, so memory is close 
 What trains: at any step, the embeddings (wte is also the output head), wpe, ln_f and the gamma sampled
 blocks, all full rank with AdamW.
 
-Choices (spec sheet section 21 and decisions 13, 14):
+Choices (where the paper and the LMFlow code leave it open):
 - the head is tied to wte here, so "embedding + head" means wte and wpe, and the final LayerNorm ln_f is
   counted as part of the head;
 - at each resample the optimizer state of deactivated blocks is dropped and newly active blocks start with
   fresh state (memory-faithful); `keep_state=True` keeps stale states instead;
-- the first block sample is drawn when the optimizer is built (hooks.make_optimizer, i.e. when train()
-  starts): the loop collects the trainable parameters before that, so every block must be trainable then;
-- sampling uses its own torch.Generator(seed), so runs are reproducible and independent of the data order.
+- every parameter must be trainable when the loop builds its optimizer (AdamW over all of them), so apply
+  leaves everything trainable; the first block sample is drawn in `setup`, before step 0, and frozen blocks
+  simply get no gradient. `n_trainable` states the entries trained in one period;
+- sampling uses its own torch.Generator(seed), so runs are reproducible and independent of the data order;
+- LISA trains whole blocks, so it must be the first method on a model (stacked, it raises).
+
+`apply_lisa` returns the `LISA` controller (a Hooks). `count_lisa` is the per-period count as a formula of the
+GPT config; the method needs the model's blocks `model.h`, not the GPT class.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lisa.py
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT
 from minimal.hooks import Hooks
-from minimal.train import TrainConfig, default_optimizer
+from minimal.peft import APPLIED, freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 ALWAYS_TRAINED = ("wte.", "wpe.", "ln_f.")
 
@@ -63,38 +74,62 @@ def set_active_blocks(model: GPT, blocks: list[int], optimizer: torch.optim.Opti
             p.requires_grad_(True)
 
 
-def lisa_trainable_count(model: GPT, n_active: int) -> int:
-    """Entries trained in one period: wte, wpe, ln_f plus n_active blocks (all blocks have the same size)."""
+def lisa_numel(model: GPT, n_active: int) -> int:
+    """Entries trained in one period, counted on the model: wte, wpe, ln_f plus n_active blocks (all alike)."""
     always = sum(p.numel() for n, p in model.named_parameters() if n.startswith(ALWAYS_TRAINED))
     return always + n_active * sum(p.numel() for p in model.h[0].parameters())
 
 
 def adam_state_bytes(model: GPT, n_active: int | None = None, bytes_per_number: int = 4) -> int:
     """Bytes of Adam's two moments: full fine-tuning (n_active=None) or LISA with n_active blocks."""
-    n = sum(p.numel() for p in model.parameters()) if n_active is None else lisa_trainable_count(model, n_active)
+    n = sum(p.numel() for p in model.parameters()) if n_active is None else lisa_numel(model, n_active)
     return 2 * n * bytes_per_number
 
 
-def apply_lisa(model: GPT, n_active: int = 1, period: int = 20, seed: int = 0, keep_state: bool = False) -> Hooks:
-    """Unfreeze everything (the loop collects it); every `period` steps train only `n_active` random blocks."""
+class LISA(Hooks):
+    """Every `period` steps, train only `n_active` random blocks (plus wte, wpe, ln_f)."""
+
+    def __init__(self, model: GPT, n_active: int, period: int, seed: int = 0, keep_state: bool = False) -> None:
+        super().__init__(n_trainable=lisa_numel(model, n_active))
+        self.n_layer, self.n_active, self.period, self.keep_state = len(model.h), n_active, period, keep_state
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def resample(self, model: GPT, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """Draw a new set of active blocks and switch to it; return it."""
+        blocks = sample_blocks(self.n_layer, self.n_active, self.generator)
+        set_active_blocks(model, blocks, optimizer, self.keep_state)
+        return blocks
+
+    def setup(self, model: nn.Module, cfg: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Before step 0: check that the optimizer holds every parameter, then draw the first blocks."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) not in held for p in model.parameters()):
+            raise ValueError("LISA: every parameter must be trainable when the optimizer is built (the blocks are "
+                             "switched on and off during the run)")
+        self.resample(model, optimizer)
+
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if (step + 1) % self.period == 0:
+            self.resample(model, optimizer)
+
+
+def apply_lisa(model: GPT, n_active: int = 1, period: int = 20, seed: int = 0, keep_state: bool = False) -> LISA:
+    """Unfreeze everything (the loop's optimizer must hold it all); return the LISA controller."""
     L = len(model.h)
     if not isinstance(n_active, int) or isinstance(n_active, bool) or not 1 <= n_active <= L:
         raise ValueError(f"n_active (gamma) must be an int in [1, {L}] for this {L}-block model, got {n_active!r}")
-    if not isinstance(period, int) or period <= 0:
+    if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
         raise ValueError(f"period (K, steps between resamples) must be a positive int, got {period!r}")
+    if getattr(model, APPLIED, 0):
+        raise ValueError("LISA trains whole blocks; apply it to a model without another method")
+    lisa = LISA(model, n_active, period, seed, keep_state)
+    freeze_base(model)  # marks the model as carrying a method; then everything trains
     for p in model.parameters():
         p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(seed)
+    return lisa
 
-    def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-        if len(params) != len(list(model.parameters())):
-            raise ValueError("LISA: every parameter must be trainable when the optimizer is built")
-        opt = default_optimizer(params, cfg)
-        set_active_blocks(model, sample_blocks(L, n_active, gen), opt, keep_state)
-        return opt
 
-    def step_end(model: nn.Module, step: int, opt: torch.optim.Optimizer) -> None:
-        if (step + 1) % period == 0:
-            set_active_blocks(model, sample_blocks(L, n_active, gen), opt, keep_state)
-
-    return Hooks(step_end=step_end, make_optimizer=make_optimizer)
+def count_lisa(config: GPTConfig, n_active: int = 1) -> int:
+    """Entries trained in one period (hooks.n_trainable): V d + T d + 2 d + n_active (12 d^2 + 13 d)."""
+    V, T, d = config.vocab_size, config.block_size, config.n_embd
+    return V * d + T * d + 2 * d + n_active * (12 * d * d + 13 * d)

@@ -29,18 +29,33 @@ Choices where paper and code differ:
 - targets: the paper adapts the q and v projections; GPT-2 fuses q, k, v into `c_attn`, and, like peft,
   one rank-r adapter covers the fused matrix (a q/v-only split is not offered here).
 - merging: loralib merges automatically in eval(); here merge()/unmerge() are explicit calls.
+
+dtype and device: A and B take the dtype and device of the weight they attach to (bfloat16 in, bfloat16 out).
+`count_lora(config, r, targets)` is the trainable count as a formula of the GPT config; `target_shapes`,
+which it uses, lists the [out, in] shapes of the GPT linears a `targets` value selects (the other low-rank
+files count with it too).
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, freeze, inject
+from minimal.peft import Mergeable, inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
+
+# the nn.Linear layers of every GPT block, with their [out, in] shape in units of n_embd
+GPT_LINEARS = {"attn.c_attn": (3, 1), "attn.c_proj": (1, 1), "mlp.c_fc": (4, 1), "mlp.c_proj": (1, 4)}
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
@@ -107,9 +122,24 @@ def apply_lora(
     """Freeze `model` and wrap every targeted nn.Linear in a LoRALinear; nothing else trains.
 
     targets: names as in peft (a list entry matches a module name or its last parts, so "c_proj" hits
-    attn.c_proj and mlp.c_proj; a string is a regular expression over the full name).
+    attn.c_proj and mlp.c_proj; a string is a regular expression over the full name). Every layer is
+    built (and checked) before the model changes, so a bad argument leaves the model as it was.
     """
-    freeze(model)
     inject(model, targets, lambda lin: LoRALinear(lin, r=r, alpha=alpha, rslora=rslora, dropout=dropout))
     return Hooks()
+
+
+def target_shapes(config: GPTConfig, targets: str | Iterable[str] = ("c_attn",)) -> dict[str, tuple[int, int]]:
+    """{name: (out, in)} of the GPT linears that `targets` selects, from the config alone (peft's name rule)."""
+    d = config.n_embd
+    shapes = {f"h.{i}.{name}": (a * d, b * d) for i in range(config.n_layer) for name, (a, b) in GPT_LINEARS.items()}
+    if isinstance(targets, str):
+        return {n: s for n, s in shapes.items() if re.fullmatch(targets, n)}
+    targets = list(targets)
+    return {n: s for n, s in shapes.items() if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def count_lora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_lora: r (in + out) per adapted layer."""
+    return sum(r * (o + i) for o, i in target_shapes(config, targets).values())
 

@@ -2,7 +2,6 @@
 
 Paper: Chengsong Huang, Qian Liu, Bill Yuchen Lin, Tianyu Pang, Chao Du, Min Lin, "LoraHub: Efficient
 Cross-Task Generalization via Dynamic LoRA Composition", COLM 2024, arXiv 2307.13269 (code: sail-sg/lorahub).
-Builds on lora.py: copy lora.py with this file.
 
 Idea: given K LoRAs trained on K upstream tasks (same targets, same rank) and a handful of examples of a new
 task, learn only K mixing weights w. Each weighted combination is scored by its loss on the examples, and a
@@ -12,20 +11,22 @@ black-box optimiser (an evolution strategy here) proposes the next w: no backwar
     F(w)  = (1/|E|) sum_{(x, y) in E} CE(y | x; W0 + dW(w))  +  c (1/K) sum_k |w_k|,     c = 0.05
     w starts at 0 (the base model) and stays in [-1.5, 1.5]^K
 
-The composition rule is the released code's and the spec sheet's: the A's and the B's are mixed separately
-(a product of sums), which is NOT the weighted sum of the K updates sum_k w_k s B_k A_k (a sum of products;
+The composition rule is the released code's: the A's and the B's are mixed separately (a product of sums),
+which is NOT the weighted sum of the K updates sum_k w_k s B_k A_k (a sum of products;
 `composed_delta(..., rule="deltas")` computes that one for comparison; it is not a rank-r LoRA).
 
 What trains: nothing by gradient; the K numbers w are searched. This is a plain function, not a training
 recipe for the shared loop.
 
-Choices (spec sheet section 23):
+Choices (where the paper and the released code differ):
 - the optimiser is a small (mu/mu_w, lambda) evolution strategy with cumulative step-size adaptation written
   here, i.e. CMA-ES without its covariance matrix (the paper uses Nevergrad's NGOpt/Shiwa, which resolves
   to CMA-ES at this size); the budget counts every evaluation of F, the starting point w = 0 included, and
   the best w ever evaluated is returned;
 - bounds are kept by clipping proposals into the box;
 - the loss is the mean token cross-entropy of the model's own loss over the given batches.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/lorahub.py
 """
 
 from __future__ import annotations

@@ -13,23 +13,33 @@ grow with depth, so deep models pay r^2 per extra layer instead of LoRA's r (in 
 What trains: U and V once per projection type (e.g. one pair for every `attn.c_attn`) and every core G_l:
 r (in + out) + N r^2 numbers per projection type, against LoRA's N r (in + out). Everything else is frozen.
 
-Choices (spec sheet section 16 and decision 11):
+Choices (where the paper leaves it open or the released code differs):
 - init: G_l = 0 (dW = 0 at init) and U, V with orthonormal columns (QR of a Gaussian), so the cores start
   with well-scaled gradients; `init="normal"` gives the released code's N(0, 1) factors;
 - one (U, V) pair per projection type, found by stripping the layer index from the module name;
 - the released code stores transposed factors; here U, V follow nn.Linear's [out, in] convention and the
   tests check dW_l = s U G_l V^T directly.
+
+dtype and device follow the wrapped weights (U and V are drawn and orthonormalised in float32, or float64 for
+a float64 model, then cast: torch has no bfloat16 QR). `count_lotr` is the trainable count as a formula.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/lotr.py
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from chapters.ch4_low_rank.lora import target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
+from minimal.peft import Mergeable, find_linears, freeze_base, replace_module
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 INITS = ("orthonormal", "normal")
 
@@ -42,11 +52,13 @@ class TuckerFactors(nn.Module):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown LoTR init {init!r}; choose one of {INITS}")
-        U = torch.randn(out_features, r, device=device, dtype=dtype)  # [out, r]
-        V = torch.randn(in_features, r, device=device, dtype=dtype)  # [in, r]
+        dtype = dtype or torch.get_default_dtype()
+        work = torch.promote_types(dtype, torch.float32)  # QR needs float32 at least
+        U = torch.randn(out_features, r, device=device).to(work)  # [out, r]
+        V = torch.randn(in_features, r, device=device).to(work)  # [in, r]
         if init == "orthonormal":
             U, V = torch.linalg.qr(U).Q, torch.linalg.qr(V).Q  # orthonormal columns
-        self.U, self.V = nn.Parameter(U), nn.Parameter(V)
+        self.U, self.V = nn.Parameter(U.to(dtype)), nn.Parameter(V.to(dtype))
 
 
 class LoTRLinear(Mergeable):
@@ -89,7 +101,6 @@ def apply_lotr(model: nn.Module, r: int = 8, alpha: float = 16.0, targets: str |
         raise TypeError(f"LoTR rank r must be an int, got {type(r).__name__}")
     if init not in INITS:
         raise ValueError(f"unknown LoTR init {init!r}; choose one of {INITS}")
-    freeze(model)
     names = find_linears(model, targets)
     for name in names:
         lin = model.get_submodule(name)
@@ -97,16 +108,27 @@ def apply_lotr(model: nn.Module, r: int = 8, alpha: float = 16.0, targets: str |
             raise ValueError(f"LoTR rank r={r} must be in [1, {min(lin.in_features, lin.out_features)}] for {name} "
                              f"[out={lin.out_features}, in={lin.in_features}]")
     factors: dict[str, TuckerFactors] = {}
+    wrapped = {}
     for name in names:
         lin = model.get_submodule(name)
-        kind = name.split(".", 2)[-1] if name.startswith("h.") else name
+        kind = projection_type(name)
         if kind not in factors:
             factors[kind] = TuckerFactors(lin.out_features, lin.in_features, r, init, lin.weight.device,
                                           lin.weight.dtype)
-        replace_module(model, name, LoTRLinear(lin, factors[kind], alpha))
+        wrapped[name] = LoTRLinear(lin, factors[kind], alpha)  # validate every layer before any change
+    freeze_base(model)
+    for name, module in wrapped.items():
+        replace_module(model, name, module)
     return Hooks()
 
 
-def n_lotr_params(shapes: list[tuple[int, int]], n_layer: int, r: int) -> int:
-    """Sum over projection types (out, in) of r (in + out) + n_layer r^2."""
-    return sum(r * (o + i) + n_layer * r * r for o, i in shapes)
+def projection_type(name: str) -> str:
+    """The key that shares U and V: the name without its layer index ("h.3.attn.c_attn" -> "attn.c_attn")."""
+    return name.split(".", 2)[-1] if name.startswith("h.") else name
+
+
+def count_lotr(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_lotr: per projection type r (in + out) once, plus r^2 per adapted layer."""
+    shapes = target_shapes(config, targets)
+    types = {projection_type(name): shape for name, shape in shapes.items()}
+    return sum(r * (o + i) for o, i in types.values()) + len(shapes) * r * r

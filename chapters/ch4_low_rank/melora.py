@@ -14,25 +14,34 @@ The update is block-diagonal: it costs what one rank-r LoRA costs, but its rank 
 What trains: every A_i and B_i, n r (in/n + out/n) = r (in + out) numbers per adapted layer, the same as a
 rank-r LoRA, while rank(dW) <= n r. Everything else is frozen. With n = 1 this is LoRA.
 
-Choices (spec sheet section 20 and decision 10):
+Choices (where the paper and the ports read differently):
 - r is the paper's mini-rank of each block (equivalent rank n r), not a total rank split over n blocks
   (some ports do that: a different, n times smaller, budget);
 - s = alpha / r, the scale of one mini-LoRA; init A_i kaiming-uniform (nn.Linear's default), B_i = 0;
 - the n mini-LoRAs are stored stacked (A [n, r, in/n], B [n, out/n, r]) and run as two einsums;
   `branch_loop` is the same computation written as a loop over blocks, for reading and for the tests;
 - the fused c_attn is treated as one matrix, so its blocks cut across q, k and v (3d/n output rows each).
+
+dtype and device follow the wrapped weight. `count_melora` is the trainable count as a formula of the config.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/melora.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from chapters.ch4_low_rank.lora import target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
+from minimal.peft import Mergeable, inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 
 class MELoRALinear(Mergeable):
@@ -86,14 +95,10 @@ class MELoRALinear(Mergeable):
 def apply_melora(model: nn.Module, n: int = 4, r: int = 2, alpha: float = 4.0,
                  targets: str | Iterable[str] = ("c_attn",)) -> Hooks:
     """Freeze `model` and wrap every targeted nn.Linear in a MELoRALinear (n mini-LoRAs of rank r)."""
-    freeze(model)
-    names = find_linears(model, targets)
-    wrapped = {name: MELoRALinear(model.get_submodule(name), n, r, alpha) for name in names}  # validate first
-    for name, module in wrapped.items():
-        replace_module(model, name, module)
+    inject(model, targets, lambda lin: MELoRALinear(lin, n, r, alpha))  # builds (validates) every layer first
     return Hooks()
 
 
-def n_melora_params(out_features: int, in_features: int, r: int) -> int:
-    """r (in + out) per adapted layer, whatever n is."""
-    return r * (in_features + out_features)
+def count_melora(config: GPTConfig, r: int = 2, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_melora: r (in + out) per adapted layer, whatever n is."""
+    return sum(r * (i + o) for o, i in target_shapes(config, targets).values())

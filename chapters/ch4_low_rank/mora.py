@@ -24,27 +24,37 @@ c R - in entries of x to its end, as the released code does):
 
 What trains: M of each adapted layer, R^2 numbers (about r (in + out), a rank-r LoRA's budget). No scale.
 
-Choices (spec sheet section 17 and decision 20):
+Choices (where the paper leaves it open, we follow the released code):
 - the budget rule, the wrap-padding, the tiling and the RoPE rotation follow the released code; "sharing" is
   its type 1 (modular groups), "rotation" its type 6. Types 2-4 (contiguous groups) are not included.
 - R must not exceed min(in, out) of the layer (a larger square matrix would mostly see padding); pass
   `r_hat` to set R directly instead of deriving it from r.
 - `delta_weight()` is the branch applied to the identity matrix, so merge uses exactly the map the forward
   uses; the tests check it against each family's dense formula built independently.
+
+dtype and device: M and the rotation tables take the weight's. `count_mora` is the trainable count as a
+formula of the GPT config. `recall_experiment` (the notebook's memorisation run) imports the training loop
+and the data only when it is called.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/mora.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimal.gpt import GPT
+from chapters.ch4_low_rank.lora import target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, find_linears, freeze, replace_module
+from minimal.peft import Mergeable, inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 KINDS = ("truncation", "sharing", "reshaping", "rotation")
 
@@ -134,12 +144,15 @@ class MoRALinear(Mergeable):
 def apply_mora(model: nn.Module, r: int = 8, kind: str = "sharing", targets: str | Iterable[str] = ("c_attn",),
                r_hat: int | None = None) -> Hooks:
     """Freeze `model` and wrap every targeted nn.Linear in a MoRALinear with LoRA rank r's budget."""
-    freeze(model)
-    names = find_linears(model, targets)
-    wrapped = {name: MoRALinear(model.get_submodule(name), r, kind, r_hat) for name in names}  # validate first
-    for name, module in wrapped.items():
-        replace_module(model, name, module)
+    inject(model, targets, lambda lin: MoRALinear(lin, r, kind, r_hat))  # builds (validates) every layer first
     return Hooks()
+
+
+def count_mora(config: GPTConfig, r: int = 8, kind: str = "sharing", targets: str | Iterable[str] = ("c_attn",),
+               r_hat: int | None = None) -> int:
+    """Trainable entries after apply_mora: R^2 per adapted layer (R from r's budget unless r_hat is given)."""
+    shapes = target_shapes(config, targets).values()
+    return sum((mora_rank(i, o, r, kind) if r_hat is None else r_hat) ** 2 for o, i in shapes)
 
 
 def budget_error(in_features: int, out_features: int, r: int, kind: str = "sharing") -> float:

@@ -17,36 +17,42 @@ Equations (LoRA's convention from lora.py: A [r, in], B [out, r], s = alpha / r,
     B  = U[:, I] diag(sqrt(sigma_I / s))          [out, r]    so that  s B A = U_I diag(sigma_I) V_I^T
     W_res = W0 - s B A                            frozen; it replaces W0 in the base layer
     y  = x W_res^T + b0 + s (drop(x) A^T) B^T     equals the base output at init
-The residual is computed by subtraction, so W_res + s B A reproduces W0 up to float rounding.
+The residual is computed by subtraction in W0's own dtype, from the A and B that train (already cast to that
+dtype), so W_res + s B A reproduces W0 to that dtype's rounding (float64: to about 1e-16).
 
 What trains: A and B (count r (in + out) per layer, as LoRA). Frozen: W_res, b0 and everything else.
-Note that applying the method overwrites the wrapped layer's weight with W_res, so unloading without
-merging (`unload(model, merge=False)`) leaves W_res, not W0.
+The wrapped nn.Linear is left untouched: PiSSALinear's `base` is a new frozen layer holding W_res (and the
+same bias), so unloading without merging (`unload(model, merge=False)`) leaves W_res, not W0.
 
-Choices where paper and code differ (spec sheet sections 14, 15 and 30):
+Choices where paper and code differ:
 - s != 1: sigma is divided by s before the square root (peft and MiLoRA's reference code), so s B A is the
   chosen part of W0 for any alpha; the default alpha = r gives s = 1, the papers' setting.
-- The SVD is exact (torch.linalg.svd in float32, as peft's "pissa"); the randomised `pissa_niter_k`
-  variant is not offered, since our layers are small.
+- The SVD is exact (torch.linalg.svd, as peft's "pissa"; our layers are small, so the randomised
+  `pissa_niter_k` variant is not offered). It runs in float32, or float64 for a float64 weight, since torch
+  has no bfloat16 SVD; A and B are then cast to the weight's dtype.
 - `which` also offers "middle" and "random" (the MiLoRA reference code's other modes) for the notebook's
   initialisation comparison.
 - Saving as a plain LoRA relative to the original W0 (peft's conversion): `lora_equivalent()` returns the
   rank-2r pair [B, -B0], [A; A0] with W0 + s [B, -B0][A; A0] = W_res + s B A.
 - Dropout defaults to 0: at init the branch carries a real part of W0.
 
-This file builds on lora.py (PiSSALinear subclasses LoRALinear): copy minimal/ with lora.py and pissa.py.
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/pissa.py
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import LoRALinear
+from chapters.ch4_low_rank.lora import LoRALinear, target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import freeze, inject
+from minimal.peft import inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 WHICH = ("principal", "minor", "middle", "random")
 
@@ -79,8 +85,16 @@ def svd_init(W0: torch.Tensor, r: int, which: str = "principal", scale: float = 
     return idx, A, B
 
 
+def frozen_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
+    """An nn.Linear holding `weight` [out, in] as a frozen parameter and sharing the given bias."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no storage, no init
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.bias = bias
+    return layer
+
+
 class PiSSALinear(LoRALinear):
-    """LoRALinear whose A, B start as r singular triplets of W0 and whose base weight becomes W0 - s B A."""
+    """LoRALinear whose A, B start as r singular triplets of W0 and whose base layer holds W_res = W0 - s B A."""
 
     def __init__(
         self,
@@ -96,12 +110,14 @@ class PiSSALinear(LoRALinear):
             raise ValueError(f"which must be one of {WHICH}, got {which!r}")
         super().__init__(base, r=r, alpha=float(r) if alpha is None else alpha, rslora=rslora, dropout=dropout)
         self.which = which
-        W0 = base.weight.detach().float()  # [out, in]
-        idx, A, B = svd_init(W0, r, which, self.scale, generator)  # [r], [r, in], [out, r]
+        W0 = base.weight.detach()  # [out, in], left as it is
+        work = torch.promote_types(W0.dtype, torch.float32)  # the SVD needs float32 at least
+        idx, A, B = svd_init(W0.to(work), r, which, self.scale, generator)  # [r], [r, in], [out, r]
         with torch.no_grad():
-            self.A.copy_(A)
+            self.A.copy_(A)  # cast to W0's dtype
             self.B.copy_(B)
-            base.weight.copy_(W0 - self.scale * self.B.float() @ self.A.float())  # W_res [out, in]
+            residual = W0 - self.delta_weight()  # W_res [out, in], in W0's dtype, from the cast A and B
+        self.base = frozen_linear(residual, base.bias)
         self.register_buffer("component_index", idx)  # [r] which sigma_i the adapter started from
         self.register_buffer("A0", self.A.detach().clone())  # [r, in] for lora_equivalent()
         self.register_buffer("B0", self.B.detach().clone())  # [out, r]
@@ -130,11 +146,11 @@ def apply_pissa(
 ) -> Hooks:
     """Freeze `model`, wrap every targeted nn.Linear in a PiSSALinear (alpha defaults to r, so s = 1).
 
-    which="principal" is PiSSA, "minor" is MiLoRA; seed is used only by which="random".
+    which="principal" is PiSSA, "minor" is MiLoRA; seed is used only by which="random". Every layer is
+    built before the model changes (the original layers are never written to).
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    freeze(model)
     gen = torch.Generator().manual_seed(seed)
     inject(
         model, targets,
@@ -153,3 +169,13 @@ def apply_milora(
 ) -> Hooks:
     """MiLoRA: PiSSA's construction on the r smallest singular components."""
     return apply_pissa(model, r=r, alpha=alpha, targets=targets, which="minor", rslora=rslora, dropout=dropout)
+
+
+def count_pissa(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_pissa: r (in + out) per adapted layer, as LoRA."""
+    return sum(r * (o + i) for o, i in target_shapes(config, targets).values())
+
+
+def count_milora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_milora: r (in + out) per adapted layer, as LoRA."""
+    return count_pissa(config, r, targets)

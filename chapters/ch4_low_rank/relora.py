@@ -2,7 +2,6 @@
 
 Paper: Vladislav Lialin, Sherin Muckatira, Namrata Shivagunde, Anna Rumshisky, "ReLoRA: High-Rank Training
 Through Low-Rank Updates", ICLR 2024, arXiv 2307.05695 (code: Guitaricet/relora).
-Builds on lora.py: copy lora.py with this file.
 
 Idea: train a LoRA for N steps, fold it into the base weight, start a fresh LoRA, repeat; the sum of k rank-r
 updates can reach rank k r. Restarts stay stable thanks to three tricks: most of the LoRA optimizer state is
@@ -14,13 +13,18 @@ steps come first (warm start).
     after k resets:  W - W_start = sum_j s B_j A_j                          (rank up to k r)
     lr(t) = (t - t_k) / W_r * env(t_k + W_r)   for t_k <= t < t_k + W_r     (t_k: the k-th restart step)
           = env(t)                              otherwise                  (env: the loop's warmup + cosine)
+    restarts t_k: warm_start (if > 0), then every `period` steps, up to the run length T = cfg.steps
     state pruning at a restart: exp_avg, exp_avg_sq of A and B keep only entries above the p-quantile of |.|
 
 What trains: the LoRA factors A, B of the targeted layers (for the first `warm_start` steps: the targeted
 weights W themselves, full rank, instead). `train_rest=True` also trains every non-targeted parameter
 (embeddings, LayerNorms, biases) full rank, as the released code does for pretraining.
 
-Choices (spec sheet section 12 and decisions 7, 21):
+Loop (minimal/hooks.py; apply_relora returns the ReLoRA controller): setup reads T = cfg.steps and the lr
+envelope from the TrainConfig; after_backward drops the LoRA gradients during the warm start; step_end merges,
+restarts, prunes the optimizer state and sets the next step's lr.
+
+Choices:
 - this course applies ReLoRA to fine-tuning a pretrained base (the paper pretrains); non-target parameters
   are therefore frozen by default, like LoRA's, rather than trained as in the released code;
 - wrap with A Kaiming-uniform, B = 0 (the code zeroes both and re-initialises at its first update step:
@@ -36,21 +40,25 @@ Choices (spec sheet section 12 and decisions 7, 21):
   end of the warm start also re-warms. The loop sets each group's lr as lr_at(step) * lr_scale, so the hooks
   set lr_scale (the loop's logged lr is the envelope, not the jagged value);
 - a restart is skipped when it would fall on the last step, so the number of steps need not divide by N.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/relora.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import LoRALinear, apply_lora
-from minimal.gpt import GPT
+from chapters.ch4_low_rank.lora import LoRALinear, apply_lora, count_lora, target_shapes
 from minimal.hooks import Hooks
 from minimal.peft import unfreeze
-from minimal.train import TrainConfig, default_optimizer, lr_at
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 PRUNE_MODES = ("magnitude", "random", "full")
 
@@ -118,26 +126,88 @@ def _drop_mask(t: torch.Tensor, mode: str, ratio: float, generator: torch.Genera
     return t.abs() <= t.abs().flatten().kthvalue(k).values
 
 
-def restart_steps(total_steps: int, reset_every: int, warm_start: int = 0) -> list[int]:
-    """The steps at which a fresh LoRA cycle starts (and the lr re-warms): warm_start (if > 0), then every N."""
+def restart_steps(total_steps: int, period: int, warm_start: int = 0) -> list[int]:
+    """The steps at which a fresh LoRA cycle starts (and the lr re-warms): warm_start (if > 0), then every period."""
     first = [warm_start] if warm_start > 0 else []
-    return first + list(range(warm_start + reset_every, total_steps, reset_every))
+    return first + list(range(warm_start + period, total_steps, period))
 
 
-def jagged_cosine_lr(step: int, cfg: TrainConfig, restarts: list[int], restart_warmup: int) -> float:
+def loop_lr(step: int, cfg: Any) -> float:
+    """The shared loop's lr at `step` (minimal/train.py's lr_at, written out so that this file needs torch only):
+    linear warmup over cfg.warmup steps, then cosine from cfg.lr down to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def jagged_cosine_lr(step: int, cfg: Any, restarts: list[int], restart_warmup: int) -> float:
     """The loop's warmup + cosine envelope, re-warmed linearly from 0 over restart_warmup steps at each restart."""
     for t_k in restarts:
         if t_k <= step < t_k + restart_warmup:
-            return (step - t_k) / restart_warmup * lr_at(t_k + restart_warmup, cfg)
-    return lr_at(step, cfg)
+            return (step - t_k) / restart_warmup * loop_lr(t_k + restart_warmup, cfg)
+    return loop_lr(step, cfg)
+
+
+def set_lr_scale(optimizer: torch.optim.Optimizer, step: int, cfg: Any, restarts: list[int], warmup: int) -> None:
+    """lr_scale of every group, so that the loop's lr (envelope x lr_scale) is the jagged lr at `step`."""
+    if step >= cfg.steps:
+        return
+    env = loop_lr(step, cfg)
+    scale = jagged_cosine_lr(step, cfg, restarts, warmup) / env if env > 0 else 0.0
+    for group in optimizer.param_groups:
+        group["lr_scale"] = scale
+
+
+class ReLoRA(Hooks):
+    """Merges and restarts the LoRA every `period` steps, prunes its optimizer state, re-warms the lr."""
+
+    def __init__(self, layers: list[LoRALinear], period: int, restart_warmup: int, prune: str, prune_ratio: float,
+                 joint_prune: bool, warm_start: int, seed: int) -> None:
+        super().__init__()
+        self.layers, self.period, self.restart_warmup, self.warm_start = layers, period, restart_warmup, warm_start
+        self.prune, self.prune_ratio, self.joint_prune = prune, prune_ratio, joint_prune
+        self.lora_params = [p for m in layers for p in (m.A, m.B)]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cfg: Any = None  # the run's TrainConfig, from setup()
+        self.restarts: list[int] = []
+
+    def setup(self, model: nn.Module, cfg: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Before step 0: the restart steps of this run (cfg.steps) and the lr of step 0."""
+        if self.warm_start >= cfg.steps:
+            raise ValueError(f"warm_start ({self.warm_start}) must be shorter than the run ({cfg.steps} steps)")
+        self.cfg, self.restarts = cfg, restart_steps(cfg.steps, self.period, self.warm_start)
+        set_lr_scale(optimizer, 0, cfg, self.restarts, self.restart_warmup)
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        if step < self.warm_start:  # full-rank warm start: the LoRA branch (B = 0) does not move yet
+            for p in self.lora_params:
+                p.grad = None
+
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.cfg is None:
+            raise RuntimeError("ReLoRA: setup(model, cfg, optimizer) has not run (train() calls it before step 0)")
+        nxt = step + 1
+        if self.warm_start > 0 and nxt == self.warm_start:  # end of the warm start: freeze W, drop its state
+            for m in self.layers:
+                m.base.weight.requires_grad_(False)
+                m.base.weight.grad = None
+                optimizer.state.pop(m.base.weight, None)
+            merge_and_reinit(model)
+        elif nxt in self.restarts:
+            merge_and_reinit(model)
+            prune_optimizer_state(optimizer, self.lora_params, self.prune, self.prune_ratio, self.generator,
+                                  self.joint_prune)
+        set_lr_scale(optimizer, nxt, self.cfg, self.restarts, self.restart_warmup)
 
 
 def apply_relora(
-    model: GPT,
+    model: nn.Module,
     r: int = 8,
     alpha: float = 16.0,
     targets: str | Iterable[str] = ("c_attn",),
-    reset_every: int = 40,
+    period: int = 40,
     restart_warmup: int = 5,
     prune: str = "magnitude",
     prune_ratio: float = 0.9,
@@ -146,20 +216,19 @@ def apply_relora(
     train_rest: bool = False,
     dropout: float = 0.0,
     seed: int = 0,
-) -> Hooks:
-    """Wrap the targets in LoRA and return hooks that merge and restart it every `reset_every` steps.
-
-    The hooks need the loop's TrainConfig (for the schedule and the run length): use hooks.make_optimizer,
-    as minimal.train.train does, before step_end.
-    """
-    if not isinstance(reset_every, int) or reset_every <= 0:
-        raise ValueError(f"reset_every (N) must be a positive int, got {reset_every!r}")
-    if not isinstance(restart_warmup, int) or not 0 <= restart_warmup < reset_every:
-        raise ValueError(f"restart_warmup must be an int in [0, reset_every={reset_every}), got {restart_warmup!r}")
+) -> ReLoRA:
+    """Wrap the targets in LoRA; return the ReLoRA controller (the loop's hooks), which merges and restarts
+    it every `period` steps. The run length comes from the loop's TrainConfig, in setup."""
+    if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
+        raise ValueError(f"period (N, steps between restarts) must be a positive int, got {period!r}")
+    if not isinstance(restart_warmup, int) or not 0 <= restart_warmup < period:
+        raise ValueError(f"restart_warmup must be an int in [0, period={period}), got {restart_warmup!r}")
     if not isinstance(warm_start, int) or warm_start < 0:
         raise ValueError(f"warm_start must be a non-negative int, got {warm_start!r}")
     if prune not in PRUNE_MODES:
         raise ValueError(f"prune must be one of {PRUNE_MODES}, got {prune!r}")
+    if not 0.0 <= prune_ratio <= 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1], got {prune_ratio}")
     apply_lora(model, r=r, alpha=alpha, targets=targets, dropout=dropout)
     layers = lora_layers(model)
     if train_rest:
@@ -170,46 +239,20 @@ def apply_relora(
     elif warm_start > 0:
         for m in layers:
             m.base.weight.requires_grad_(True)
-    lora_params = [p for m in layers for p in (m.A, m.B)]
-    gen = torch.Generator().manual_seed(seed)
-    run: dict = {}
+    return ReLoRA(layers, period, restart_warmup, prune, prune_ratio, joint_prune, warm_start, seed)
 
-    def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-        if warm_start >= cfg.steps:
-            raise ValueError(f"warm_start ({warm_start}) must be shorter than the run ({cfg.steps} steps)")
-        run["cfg"] = cfg
-        run["restarts"] = restart_steps(cfg.steps, reset_every, warm_start)
-        opt = default_optimizer(params, cfg)
-        set_lr_scale(opt, 0)
-        return opt
 
-    def set_lr_scale(opt: torch.optim.Optimizer, step: int) -> None:
-        cfg = run["cfg"]
-        if step >= cfg.steps:
-            return
-        env = lr_at(step, cfg)
-        scale = jagged_cosine_lr(step, cfg, run["restarts"], restart_warmup) / env if env > 0 else 0.0
-        for group in opt.param_groups:
-            group["lr_scale"] = scale
-
-    def after_backward(model: nn.Module, step: int) -> None:
-        if step < warm_start:  # full-rank warm start: the LoRA branch (B = 0) does not move yet
-            for p in lora_params:
-                p.grad = None
-
-    def step_end(model: nn.Module, step: int, opt: torch.optim.Optimizer) -> None:
-        if "cfg" not in run:
-            raise RuntimeError("ReLoRA hooks: call hooks.make_optimizer(params, cfg) first (train() does)")
-        nxt = step + 1
-        if warm_start > 0 and nxt == warm_start:  # end of the warm start: freeze W, drop its state
-            for m in layers:
-                m.base.weight.requires_grad_(False)
-                m.base.weight.grad = None
-                opt.state.pop(m.base.weight, None)
-            merge_and_reinit(model)
-        elif nxt in run["restarts"]:
-            merge_and_reinit(model)
-            prune_optimizer_state(opt, lora_params, prune, prune_ratio, gen, joint_prune)
-        set_lr_scale(opt, nxt)
-
-    return Hooks(after_backward=after_backward, step_end=step_end, make_optimizer=make_optimizer)
+def count_relora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",), warm_start: int = 0,
+                 train_rest: bool = False) -> int:
+    """Trainable entries right after apply_relora: LoRA's r (in + out) per layer; warm_start > 0 adds the
+    targeted weights (out x in each); train_rest adds every other parameter of the GPT (biases included)."""
+    weights = sum(o * i for o, i in target_shapes(config, targets).values())
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    per_block = 12 * d * d + (13 * d if config.bias else 2 * d)  # 4 linears and 2 LayerNorms, biases or not
+    total = V * d + T * d + L * per_block + (2 * d if config.bias else d)  # wte (= the head), wpe, blocks, ln_f
+    n = count_lora(config, r, targets)
+    if warm_start > 0:
+        n += weights
+    if train_rest:
+        n += total - weights
+    return n

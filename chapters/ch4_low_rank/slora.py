@@ -3,7 +3,7 @@
 Paper: Ying Sheng, Shiyi Cao, Dacheng Li, Coleman Hooper, Nicholas Lee, Shuo Yang, Christopher Chou,
 Banghua Zhu, Lianmin Zheng, Kurt Keutzer, Joseph E. Gonzalez, Ion Stoica, "S-LoRA: Serving Thousands of
 Concurrent LoRA Adapters", MLSys 2024, arXiv 2311.03285 (code: S-LoRA/S-LoRA). Builds on lora.py's
-convention and slora_pool.py's memory pool; copy those two files with this one.
+convention and slora_pool.py's memory pool.
 
 Idea: merging an adapter into W (lora.py's merge) makes one adapter free but forces a batch to share it.
 A server whose requests each name one of hundreds of adapters keeps W0 unmerged and, for every adapted
@@ -42,7 +42,12 @@ Choices where the paper differs: no custom CUDA kernels on CPU (PyTorch paths); 
 no early-abort admission control; tensor parallelism only as the single-process emulation of slora_tp.py;
 the KV cache is accounted in the pool's pages but stored in ordinary tensors; admission reserves every KV
 page a request may need (no preemption).
-"""
+
+The files below serve on the PyTorch paths; the "triton" path also needs chapters/ch4_low_rank/kernels/
+(multi_adapter.py with triton_lora.py, interpreter.py and __init__.py), imported only when it runs.
+
+Copy: minimal/gpt.py, minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/slora_pool.py, chapters/ch4_low_rank/slora.py
+"""  # noqa: E501
 
 from __future__ import annotations
 

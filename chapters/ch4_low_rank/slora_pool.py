@@ -3,7 +3,7 @@
 Paper: Ying Sheng, Shiyi Cao, Dacheng Li, Coleman Hooper, Nicholas Lee, Shuo Yang, Christopher Chou,
 Banghua Zhu, Lianmin Zheng, Kurt Keutzer, Joseph E. Gonzalez, Ion Stoica, "S-LoRA: Serving Thousands of
 Concurrent LoRA Adapters", MLSys 2024, arXiv 2311.03285. The serving side (batching, scheduler) is in
-slora.py; this file is the memory side. Copy it with slora.py.
+slora.py; this file is the memory side.
 
 Idea ("unified paging"): a server holds thousands of adapters in host memory but only the ones the running
 batch needs on the accelerator. Adapters come in different ranks and the KV cache grows one token at a
@@ -31,6 +31,8 @@ Two classes:
 The weights really live in `pool.data` (slora.py's batched computation reads them from there); the KV cache
 is only accounted here (pages allocated and freed per token), the keys and values themselves stay in the
 attention cache tensors of slora.py's forward.
+
+Copy: chapters/ch4_low_rank/slora_pool.py
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Paper: Ying Sheng, Shiyi Cao, Dacheng Li, Coleman Hooper, Nicholas Lee, Shuo Yan
 Banghua Zhu, Lianmin Zheng, Kurt Keutzer, Joseph E. Gonzalez, Ion Stoica, "S-LoRA: Serving Thousands of
 Concurrent LoRA Adapters", MLSys 2024, arXiv 2311.03285, section on tensor parallelism. The base model's
 split is Megatron-LM's (Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models
-Using Model Parallelism", 2019, arXiv 1909.08053). Adapters are slora_pool.py's HostAdapter; copy that file.
+Using Model Parallelism", 2019, arXiv 1909.08053). Adapters are slora_pool.py's HostAdapter.
 
 Megatron cuts every block over n devices so that each sublayer needs one collective (W [out, in]):
 
@@ -42,6 +42,8 @@ rank works with any shard count (pieces may differ by one row, or be empty when 
 unequal pieces); the base dimensions (n_head, hence d and 4d) must be multiples of n, else a ValueError.
 Embeddings, LayerNorms and the LM head are replicated (Megatron also splits the vocabulary; not here).
 Inference only, one process, no real devices.
+
+Copy: minimal/gpt.py, chapters/ch4_low_rank/slora_pool.py, chapters/ch4_low_rank/slora_tp.py
 """
 
 from __future__ import annotations

@@ -11,35 +11,44 @@ is generically full rank at a LoRA-like parameter count.
     S = scatter(values [nnz] into zeros [out * in] at idx [nnz]).view(out, in)     idx fixed (a buffer)
     paper ("pretrain"):    W  = s B A + S                  y = s (x A^T) B^T + x S^T + b
     course ("finetune"):   W  = W0 + s B A + S   (W0 frozen)
-    A [r, in] kaiming-uniform, B [out, r] = 0, s = alpha / r, nnz = floor(density * in * out)
+    A [r, in] kaiming-uniform, B [out, r] = 0, s = alpha / r, nnz = floor(fraction * in * out)
 
-What trains: A, B and the nnz values of each targeted layer: r (in + out) + floor(density in out) numbers.
+What trains: A, B and the nnz values of each targeted layer: r (in + out) + floor(fraction in out) numbers.
 In "pretrain" mode also every other parameter (embeddings, LayerNorms, all biases), as in the paper.
 
-Choices (spec sheet section 13):
+Choices (the paper pretrains; this course mostly fine-tunes):
 - the paper pretrains from scratch (there is no W0). This course fine-tunes a pretrained base, so the
   default mode="finetune" learns the update delta = s B A + S on a frozen W0 with the values starting at 0,
-  so the model starts exactly at the base. mode="pretrain" is the paper's parameterisation: W0 is set to
-  zero and frozen (kept only to reuse the Mergeable protocol; a memory-faithful version would drop it),
-  values start U(-1/sqrt(in), 1/sqrt(in)) and the biases U(-1/sqrt(out), 1/sqrt(out)) as in the code;
+  so the model starts exactly at the base. mode="pretrain" is the paper's parameterisation: the layer's
+  base is a new frozen zero W0 (kept only to reuse the Mergeable protocol; a memory-faithful version would
+  drop it) with a new bias, values start U(-1/sqrt(in), 1/sqrt(in)) and the biases U(-1/sqrt(out),
+  1/sqrt(out)) as in the code; the original layer is never written to. Pretrain mode trains everything, so
+  it must be the first method on a model;
 - the support is sorted(randperm(in * out)[:nnz]) from a seeded generator, one draw per layer;
 - the sparse product scatters the values into a dense matrix for each forward (the released code has a
   custom sparse kernel); gradients reach only the values, by the gather that the scatter implies.
+
+dtype and device follow the wrapped weight. `count_sltrain` is the trainable count as a formula of the config.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/sltrain.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chapters.ch4_low_rank.lora import check_rank
-from minimal.gpt import GPT
+from chapters.ch4_low_rank.lora import check_rank, target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import Mergeable, freeze, inject
+from minimal.peft import APPLIED, Mergeable, inject
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, GPTConfig
 
 MODES = ("finetune", "pretrain")
 
@@ -47,7 +56,7 @@ MODES = ("finetune", "pretrain")
 class SLTrainLinear(Mergeable):
     """y = base(x) + s (x A^T) B^T + x S^T with S sparse on a fixed random support (see the module docstring)."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, density: float = 0.03,
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, fraction: float = 0.03,
                  mode: str = "finetune", generator: torch.Generator | None = None) -> None:
         super().__init__(base)
         check_rank(r, base, type(self).__name__)
@@ -56,11 +65,11 @@ class SLTrainLinear(Mergeable):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         out_f, in_f = base.out_features, base.in_features
-        nnz = math.floor(density * in_f * out_f) if 0 < density <= 1 else 0
+        nnz = math.floor(fraction * in_f * out_f) if 0 < fraction <= 1 else 0
         if nnz < 1:
-            raise ValueError(f"density must be in (0, 1] and give at least one entry of a [{out_f}, {in_f}] "
-                             f"matrix, got {density}")
-        self.r, self.alpha, self.density, self.mode = r, float(alpha), density, mode
+            raise ValueError(f"fraction must be in (0, 1] and give at least one entry of a [{out_f}, {in_f}] "
+                             f"matrix, got {fraction}")
+        self.r, self.alpha, self.fraction, self.mode = r, float(alpha), fraction, mode
         self.scale = alpha / r
         w = base.weight  # [out, in]
         self.A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=w.dtype))  # [r, in]
@@ -69,13 +78,17 @@ class SLTrainLinear(Mergeable):
         idx = torch.randperm(in_f * out_f, generator=generator)[:nnz].sort().values  # [nnz], flat row-major
         self.register_buffer("idx", idx.to(w.device))
         self.values = nn.Parameter(torch.zeros(nnz, device=w.device, dtype=w.dtype))  # [nnz]
-        if mode == "pretrain":
+        if mode == "pretrain":  # no W0: the layer is s B A + S (+ a fresh bias); `base` itself is not touched
+            def draw(n: int, bound: float) -> torch.Tensor:  # U(-bound, bound), drawn on the CPU from `generator`
+                return torch.empty(n).uniform_(-bound, bound, generator=generator).to(w.device, w.dtype)
+
             with torch.no_grad():
-                bound = 1 / math.sqrt(in_f)
-                self.values.uniform_(-bound, bound, generator=generator)
-                base.weight.zero_()  # no W0: the layer is s B A + S
-                if base.bias is not None:
-                    base.bias.uniform_(-1 / math.sqrt(out_f), 1 / math.sqrt(out_f), generator=generator)
+                self.values.copy_(draw(nnz, 1 / math.sqrt(in_f)))
+            zero = nn.Linear(in_f, out_f, bias=False, device="meta")  # no storage, no init
+            zero.weight = nn.Parameter(torch.zeros_like(w), requires_grad=False)  # [out, in]
+            if base.bias is not None:
+                zero.bias = nn.Parameter(draw(out_f, 1 / math.sqrt(out_f)))  # [out]
+            self.base = zero
 
     @property
     def nnz(self) -> int:
@@ -101,16 +114,11 @@ class SLTrainLinear(Mergeable):
         return f"r={self.r}, alpha={self.alpha}, nnz={self.nnz}, mode={self.mode}, merged={self.merged}"
 
 
-def sltrain_count(in_features: int, out_features: int, r: int, density: float) -> int:
-    """Trained numbers of one layer (finetune mode): r (in + out) + floor(density in out)."""
-    return r * (in_features + out_features) + math.floor(density * in_features * out_features)
-
-
 def apply_sltrain(
     model: GPT,
     r: int = 8,
     alpha: float = 16.0,
-    density: float = 0.03,
+    fraction: float = 0.03,
     targets: str | Iterable[str] = ("c_attn",),
     mode: str = "finetune",
     seed: int = 0,
@@ -118,9 +126,10 @@ def apply_sltrain(
     """Freeze the model and wrap the targets in SLTrainLinear; in "pretrain" mode train everything else too."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    freeze(model)
+    if mode == "pretrain" and getattr(model, APPLIED, 0):
+        raise ValueError("SLTrain's pretrain mode trains every parameter; apply it to a model without a method")
     gen = torch.Generator().manual_seed(seed)
-    inject(model, targets, lambda lin: SLTrainLinear(lin, r=r, alpha=alpha, density=density, mode=mode,
+    inject(model, targets, lambda lin: SLTrainLinear(lin, r=r, alpha=alpha, fraction=fraction, mode=mode,
                                                      generator=gen))
     if mode == "pretrain":
         for module in model.modules():
@@ -130,3 +139,16 @@ def apply_sltrain(
             if not name.endswith(".base.weight"):
                 p.requires_grad_(True)
     return Hooks()
+
+
+def count_sltrain(config: GPTConfig, r: int = 8, fraction: float = 0.03, targets: str | Iterable[str] = ("c_attn",),
+                  mode: str = "finetune") -> int:
+    """Trainable entries after apply_sltrain: r (in + out) + floor(fraction in out) per layer; in "pretrain"
+    mode also every other parameter of the GPT except the targets' (zero) weights."""
+    shapes = target_shapes(config, targets).values()
+    adapters = sum(r * (i + o) + math.floor(fraction * i * o) for o, i in shapes)
+    if mode == "finetune":
+        return adapters
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    every = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d  # the GPT's parameters (tied head, biases)
+    return every - sum(o * i for o, i in shapes) + adapters

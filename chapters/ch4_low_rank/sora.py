@@ -17,11 +17,14 @@ Equations (nn.Linear layout, LoRA's convention from lora.py: A [r, in], B [out, 
 
 What trains: A, B and g of every targeted layer: r (in + out) + r per layer; after pruning nnz(g)(in + out).
 
-Sparsifying schedule (paper's Algorithm 1, code's lambda schedule): with xi_max set, the run is cut into
-n_phases equal phases and phase k thresholds with xi_k, rising from xi to xi_max: "linear" (evenly spaced)
-or "log_linear" (evenly spaced in log, a geometric series).
+Sparsifying schedule (paper's Algorithm 1, code's lambda schedule): with xi_max set, the run (cfg.steps,
+read in setup) is cut into n_phases equal phases and phase k thresholds with xi_k, rising from xi to xi_max:
+"linear" (evenly spaced) or "log_linear" (evenly spaced in log, a geometric series).
 
-Choices where paper and released code differ (spec sheet sections 10 and 30):
+Loop (minimal/hooks.py; apply_sora returns the GateUpdate): make_optimizer gives the gates their own group,
+setup reads the run length, step_end thresholds the gates, extra_loss adds the optional L1 term.
+
+Choices where paper and released code differ:
 - The gate update: default is the code's form (Adam step, then a fixed threshold xi not multiplied by the
   learning rate); update="proximal" is the paper's (xi plays the paper's lambda: threshold = lr * xi).
 - The released threshold is three sequential in-place edits, which zero every |g| < 2 xi instead of
@@ -31,23 +34,27 @@ Choices where paper and released code differ (spec sheet sections 10 and 30):
   instead of the code's second optimizer with its own schedule.
 - Init: A kaiming-uniform, B = 0 (identity at init), g ~ N(0, 1) (code: torch.randn).
 
-This file builds on lora.py (it subclasses LoRALinear): copy minimal/ with lora.py and sora.py.
 Naming: our "log_linear" schedule is the released code's "exp_linear" (thresholds evenly spaced in log,
 i.e. growing exponentially); we name it by the spacing.
+
+Copy: minimal/hooks.py, minimal/peft.py, chapters/ch4_low_rank/lora.py, chapters/ch4_low_rank/sora.py
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import LoRALinear
+from chapters.ch4_low_rank.lora import LoRALinear, target_shapes
 from minimal.hooks import Hooks
-from minimal.peft import freeze, inject, mergeable_modules, replace_module
-from minimal.train import TrainConfig, default_optimizer
+from minimal.peft import inject, mergeable_modules, replace_module
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPTConfig
 
 
 def soft_threshold(z: torch.Tensor, xi: float) -> torch.Tensor:
@@ -108,31 +115,42 @@ def gates(model: nn.Module) -> list[nn.Parameter]:
     return [m.g for _, m in mergeable_modules(model) if isinstance(m, SoRALinear)]
 
 
-class GateUpdate:
+class GateUpdate(Hooks):
     """The loop hooks of SoRA: the gate parameter group, the threshold after each step, the L1 term."""
 
     def __init__(self, layers: list[SoRALinear], update: str, gate_lr_scale: float, l1_weight: float,
-                 official_quirk: bool, thresholds: list[float], total_steps: int) -> None:
+                 official_quirk: bool, thresholds: list[float]) -> None:
+        super().__init__()
         self.layers, self.update = layers, update
         self.gate_lr_scale, self.l1_weight, self.official_quirk = gate_lr_scale, l1_weight, official_quirk
-        self.thresholds, self.total_steps = thresholds, total_steps
+        self.thresholds = thresholds
+        self.total_steps: int | None = None  # the run length, from cfg.steps in setup
         self.gate_ids = {id(layer.g) for layer in layers}
+
+    def setup(self, model: nn.Module, cfg: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.total_steps = cfg.steps
 
     def xi_at(self, step: int) -> float:
         """xi of the phase that `step` belongs to (the constant xi without a schedule)."""
+        if len(self.thresholds) == 1:
+            return self.thresholds[0]
+        if self.total_steps is None:
+            raise RuntimeError("SoRA's threshold schedule needs the run length: setup(model, cfg, optimizer) "
+                               "reads cfg.steps (train() calls it before step 0)")
         phase = min(len(self.thresholds) - 1, step * len(self.thresholds) // self.total_steps)
         return self.thresholds[phase]
 
-    def make_optimizer(self, params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: list[nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+        """The loop's AdamW (weight decay on matrices only) plus, in "adam" mode, the gates in their own group."""
         rest = [p for p in params if id(p) not in self.gate_ids]
         if not rest:
             raise ValueError("SoRA needs A and B to train besides the gates")
-        optimizer = default_optimizer(rest, cfg)
-        if self.update == "adam":
-            g = [p for p in params if id(p) in self.gate_ids]
-            optimizer.add_param_group({"params": g, "weight_decay": 0.0, "lr_scale": self.gate_lr_scale,
-                                       "lr": cfg.lr * self.gate_lr_scale})
-        return optimizer
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        if self.update == "adam":  # "proximal": the gates are not in the optimizer, step_end moves them
+            groups.append({"params": [p for p in params if id(p) in self.gate_ids], "weight_decay": 0.0,
+                           "lr_scale": self.gate_lr_scale, "lr": cfg.lr * self.gate_lr_scale})
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
     def threshold(self, z: torch.Tensor, xi: float) -> torch.Tensor:
         return official_threshold(z, xi) if self.official_quirk else soft_threshold(z, xi)
@@ -150,12 +168,10 @@ class GateUpdate:
                 layer.g.copy_(self.threshold(layer.g - eta * layer.g.grad, eta * xi))
                 layer.g.grad = None  # g is not in the optimizer: clear its gradient here
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor:
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self.l1_weight == 0:
+            return None
         return self.l1_weight * sum(layer.g.abs().sum() / layer.g.numel() for layer in self.layers)
-
-    def hooks(self) -> Hooks:
-        return Hooks(extra_loss=self.extra_loss if self.l1_weight > 0 else None, step_end=self.step_end,
-                     make_optimizer=self.make_optimizer)
 
 
 def apply_sora(
@@ -171,13 +187,12 @@ def apply_sora(
     xi_max: float | None = None,
     n_phases: int = 1,
     schedule: str = "linear",
-    total_steps: int = 1,
     dropout: float = 0.0,
-) -> Hooks:
-    """Freeze `model`, wrap every target in a SoRALinear (r = r_max); the hooks threshold the gates.
+) -> GateUpdate:
+    """Wrap every target in a SoRALinear (r = r_max; the rest frozen); return the gate updater (the hooks).
 
-    With xi_max and n_phases > 1 the threshold rises over total_steps in n_phases phases (the sparsifying
-    schedule). The gate updater is `hooks.step_end.__self__`.
+    With xi_max and n_phases > 1 the threshold rises over the run (cfg.steps, read in setup) in n_phases
+    phases (the sparsifying schedule).
     """
     if update not in ("adam", "proximal"):
         raise ValueError(f"update must be 'adam' (released code) or 'proximal' (paper), got {update!r}")
@@ -185,13 +200,10 @@ def apply_sora(
         raise ValueError(f"need xi >= 0, l1_weight >= 0, gate_lr_scale > 0; got {xi}, {l1_weight}, {gate_lr_scale}")
     if xi_max is not None and xi_max < xi:
         raise ValueError(f"xi_max={xi_max} must be >= xi={xi}")
-    if not isinstance(total_steps, int) or total_steps <= 0:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps}")
     thresholds = xi_schedule(xi, xi if xi_max is None else xi_max, n_phases, schedule)
-    freeze(model)
     names = inject(model, targets, lambda lin: SoRALinear(lin, r=r, alpha=alpha, dropout=dropout))
     layers = [model.get_submodule(n) for n in names]
-    return GateUpdate(layers, update, gate_lr_scale, l1_weight, official_quirk, thresholds, total_steps).hooks()
+    return GateUpdate(layers, update, gate_lr_scale, l1_weight, official_quirk, thresholds)
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:
@@ -227,3 +239,8 @@ def prune_sora(model: nn.Module) -> dict[str, int]:
     if not ranks:
         raise ValueError("prune_sora: the model has no SoRALinear layer")
     return ranks
+
+
+def count_sora(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
+    """Trainable entries after apply_sora: r (in + out) + r per adapted layer (A, B and the gate g)."""
+    return sum(r * (o + i) + r for o, i in target_shapes(config, targets).values())

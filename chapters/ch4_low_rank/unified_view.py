@@ -20,9 +20,9 @@ best choice on each axis gives the "mix-and-match" (MAM) adapter.
 check the identity, also against the GPT's own attention with a prefix.
 
 What trains: PA: the adapter of every block, L (2 r d + r + d) numbers (weights and biases); MAM: the
-prefix, 2 l d L numbers, plus the PA on the MLP. Everything else is frozen.
+prefix, 2 l d L numbers (l = n_tokens), plus the PA on the MLP. Everything else is frozen.
 
-Choices (spec sheet section 2):
+Choices (where the paper leaves the details open):
 - the PA sits beside the whole sublayer: `where="mlp"` reads ln_2(x) (the MLP's input) and adds to the MLP's
   output, `where="attn"` does the same around attention; it is attached with a forward hook on the
   sublayer module, so module names (and other methods' targets) do not change;
@@ -31,18 +31,28 @@ Choices (spec sheet section 2):
 - the MAM prefix is trained directly (no MLP reparameterisation) and starts from the frozen model's own
   keys/values on l random tokens; like `minimal.gpt`'s convention for prefixes the real tokens take
   positions l..l+T-1, so l + T must fit in block_size.
+
+dtype and device: the adapters and the prefix take those of the model's embedding weight. The methods use
+GPT's extension points (the blocks' `attn`/`mlp` sublayers, `forward(prefix_kv=..., position_offset=...)`
+and the returned `cache`) without importing the class. `count_parallel_adapter`, `count_scaled_parallel_adapter`
+and `count_mam_adapter` are the trainable counts as formulas of the GPT config.
+
+Copy: minimal/hooks.py, minimal/peft.py, minimal/gpt.py, chapters/ch4_low_rank/unified_view.py
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from minimal.gpt import GPT, KV
 from minimal.hooks import Hooks
-from minimal.peft import freeze
+from minimal.peft import freeze_base
+
+if TYPE_CHECKING:
+    from minimal.gpt import GPT, KV, GPTConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": lambda: nn.GELU(approximate="tanh"), "identity": nn.Identity}
 PLACES = ("mlp", "attn")
@@ -85,14 +95,15 @@ def gated_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk
 class ParallelAdapter(nn.Module):
     """x [..., d] -> s * up(f(down(x))) [..., d], added beside a sublayer that also reads x."""
 
-    def __init__(self, d: int, r: int, scale: float = 1.0, activation: str = "relu") -> None:
+    def __init__(self, d: int, r: int, scale: float = 1.0, activation: str = "relu",
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
         self.scale = float(scale)
-        self.down = nn.Linear(d, r)  # W_down [r, d]
+        self.down = nn.Linear(d, r, device=device, dtype=dtype)  # W_down [r, d]
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(r, d)  # W_up [d, r]
+        self.up = nn.Linear(r, d, device=device, dtype=dtype)  # W_up [d, r]
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -108,9 +119,11 @@ def _add_parallel(module: nn.Module, inputs: tuple, output: torch.Tensor | tuple
     return output + delta
 
 
-def add_parallel_adapters(model: GPT, bottleneck: int, scale: float, where: str = "mlp",
-                          activation: str = "relu") -> list[ParallelAdapter]:
-    """Attach a ParallelAdapter to block.mlp (or block.attn) of every block; nothing is frozen here."""
+def build_parallel_adapters(model: GPT, bottleneck: int, scale: float, where: str = "mlp",
+                            activation: str = "relu") -> list[tuple[nn.Module, ParallelAdapter]]:
+    """Check the arguments and build one ParallelAdapter per block; the model is not changed here."""
+    if not hasattr(model, "h") or not hasattr(model, "config"):
+        raise TypeError(f"parallel adapters need a GPT (blocks model.h and model.config), got {type(model).__name__}")
     if where not in PLACES:
         raise ValueError(f"unknown place {where!r}; choose one of {PLACES}")
     d = model.config.n_embd
@@ -121,21 +134,23 @@ def add_parallel_adapters(model: GPT, bottleneck: int, scale: float, where: str 
     sublayers = [getattr(block, where) for block in model.h]
     if any(hasattr(s, "parallel_adapter") for s in sublayers):
         raise ValueError(f"the {where} sublayers already have a parallel adapter")
-    adapters = []
-    for sub in sublayers:
-        sub.parallel_adapter = ParallelAdapter(d, bottleneck, scale, activation).to(model.wte.weight.device)
+    w = model.wte.weight
+    return [(sub, ParallelAdapter(d, bottleneck, scale, activation, w.device, w.dtype)) for sub in sublayers]
+
+
+def attach_parallel_adapters(built: list[tuple[nn.Module, ParallelAdapter]]) -> None:
+    """Put each adapter on its sublayer and add its output there with a forward hook."""
+    for sub, adapter in built:
+        sub.parallel_adapter = adapter
         sub.parallel_handle = sub.register_forward_hook(_add_parallel)
-        adapters.append(sub.parallel_adapter)
-    return adapters
 
 
 def apply_parallel_adapter(model: GPT, bottleneck: int = 16, scale: float = 1.0, where: str = "mlp",
                            activation: str = "relu") -> Hooks:
     """Freeze `model` and add a parallel adapter (plain: s = 1) beside the MLP (or attention) of every block."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"parallel adapters need a minimal.gpt.GPT, got {type(model).__name__}")
-    freeze(model)
-    add_parallel_adapters(model, bottleneck, scale, where, activation)
+    built = build_parallel_adapters(model, bottleneck, scale, where, activation)  # validates, changes nothing
+    freeze_base(model)
+    attach_parallel_adapters(built)
     return Hooks()
 
 
@@ -143,6 +158,17 @@ def apply_scaled_parallel_adapter(model: GPT, bottleneck: int = 16, scale: float
                                   activation: str = "relu") -> Hooks:
     """The scaled PA: a parallel adapter whose output is multiplied by a fixed s (paper: 4)."""
     return apply_parallel_adapter(model, bottleneck, scale, where, activation)
+
+
+def count_parallel_adapter(config: GPTConfig, bottleneck: int = 16) -> int:
+    """Trainable entries after apply_parallel_adapter: L (2 r d + r + d), down and up weights and biases."""
+    d, r = config.n_embd, bottleneck
+    return config.n_layer * (2 * r * d + r + d)
+
+
+def count_scaled_parallel_adapter(config: GPTConfig, bottleneck: int = 16) -> int:
+    """Trainable entries after apply_scaled_parallel_adapter: the same as the plain PA (s is fixed)."""
+    return count_parallel_adapter(config, bottleneck)
 
 
 # ------------------------------------------------------------------------------------------ MAM adapter
@@ -167,33 +193,29 @@ class Prefix(nn.Module):
         return args, kwargs
 
 
-def apply_mam_adapter(model: GPT, prefix_len: int = 10, bottleneck: int = 16, scale: float = 4.0,
+def apply_mam_adapter(model: GPT, n_tokens: int = 10, bottleneck: int = 16, scale: float = 4.0,
                       seed: int = 0) -> Hooks:
-    """Freeze `model`; add prefix tuning (prefix_len slots per layer) and a scaled PA beside every MLP."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"the MAM adapter needs a minimal.gpt.GPT, got {type(model).__name__}")
+    """Freeze `model`; add prefix tuning (n_tokens slots per layer) and a scaled PA beside every MLP."""
+    if not hasattr(model, "h") or not hasattr(model, "config"):
+        raise TypeError(f"the MAM adapter needs a GPT (blocks model.h and model.config), got {type(model).__name__}")
     if hasattr(model, "mam_prefix"):
         raise ValueError("this model already has a MAM prefix")
     c = model.config
-    if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or not 0 < prefix_len < c.block_size:
-        raise ValueError(f"prefix_len must be an int in [1, block_size={c.block_size}), got {prefix_len!r}")
-    freeze(model)
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or not 0 < n_tokens < c.block_size:
+        raise ValueError(f"n_tokens must be an int in [1, block_size={c.block_size}), got {n_tokens!r}")
+    built = build_parallel_adapters(model, bottleneck, scale, "mlp")  # validates, changes nothing
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, c.vocab_size, (1, prefix_len), generator=g).to(model.wte.weight.device)  # [1, l]
+    ids = torch.randint(0, c.vocab_size, (1, n_tokens), generator=g).to(model.wte.weight.device)  # [1, l]
     with torch.no_grad():
-        cache = GPT.forward(model, ids).cache  # per layer (k, v) [1, H, l, hd]: the frozen model's own
+        cache = model(ids).cache  # per layer (k, v) [1, H, l, hd]: the frozen model's own, in its dtype
     kv = torch.stack([torch.cat([k, v]) for k, v in cache])  # [L, 2, H, l, hd]
-    add_parallel_adapters(model, bottleneck, scale, "mlp")
+    freeze_base(model)
+    attach_parallel_adapters(built)
     model.mam_prefix = Prefix(kv.clone())
     model.mam_prefix.handle = model.register_forward_pre_hook(model.mam_prefix.pass_prefix, with_kwargs=True)
     return Hooks()
 
 
-def n_parallel_adapter_params(n_layer: int, d: int, r: int) -> int:
-    """L (2 r d + r + d): down and up weights and biases in every block."""
-    return n_layer * (2 * r * d + r + d)
-
-
-def n_mam_params(n_layer: int, d: int, prefix_len: int, r: int) -> int:
-    """2 l d L (prefix keys and values) + the PA on every MLP."""
-    return 2 * prefix_len * d * n_layer + n_parallel_adapter_params(n_layer, d, r)
+def count_mam_adapter(config: GPTConfig, n_tokens: int = 10, bottleneck: int = 16) -> int:
+    """Trainable entries after apply_mam_adapter: 2 l d L (prefix keys and values) + the PA on every MLP."""
+    return 2 * n_tokens * config.n_embd * config.n_layer + count_parallel_adapter(config, bottleneck)

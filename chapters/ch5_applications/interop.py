@@ -15,7 +15,7 @@ config mapping (n_positions = block_size, resid/embd/attn dropout = dropout, GEL
 tied head) and refuse what GPT-2 cannot express (bias=False) or what our GPT does not implement
 (another activation, an untied head, an inner size other than 4d, attention scaled by layer index).
 
-The peft directory (spec sheet sections 2, 4 and 8):
+The peft directory, as peft's `save_pretrained` writes it and `PeftModel.from_pretrained` reads it:
 
     adapter_config.json          the config dataclass as json: peft_type "LORA" | "IA3", task_type
                                  "CAUSAL_LM", target_modules, fan_in_fan_out=true (GPT-2's Conv1D), and
@@ -39,12 +39,16 @@ Checks on import (nothing is half-loaded, nothing silently ignored): the modules
 `target_modules` (peft's matching rule) must be exactly the modules that have weights in the file; every
 tensor must have the shape the config and our layer imply (r rows for lora_A, in/out of the layer);
 peft features we do not implement (DoRA, bias training, rank/alpha patterns, modules_to_save, bases
-modified at init such as PiSSA, ...) are errors that name the feature.
+modified at init such as PiSSA, ...) are errors that name the feature. Each imported tensor takes the
+dtype and device of the layer it attaches to, as peft's loader does: a float64 adapter imported into a
+float64 model is exact (a float64 file read into a float32 model is rounded to float32).
 
 Dependencies: `transformers` is imported only by to_hf/from_hf; the peft format needs only safetensors
 and json, so export/import work without `peft` installed. This file builds on two method files of other
-chapters (chapters/ch4_low_rank/lora.py and chapters/ch2_additive/ia3.py): copy them with it.
-"""
+chapters (chapters/ch4_low_rank/lora.py and chapters/ch2_additive/ia3.py).
+
+Copy: minimal/gpt.py, minimal/hooks.py, minimal/peft.py, chapters/ch2_additive/ia3.py, chapters/ch4_low_rank/lora.py, chapters/ch5_applications/interop.py
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ from safetensors.torch import load_file, save_file
 from chapters.ch2_additive.ia3 import IA3Linear
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora
 from minimal.gpt import GPT, GPTConfig, load_gpt2_state_dict
-from minimal.peft import freeze, inject, mergeable_modules
+from minimal.peft import inject, mergeable_modules
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -385,7 +389,7 @@ def _import_lora(model: GPT, config: dict, state: dict[str, torch.Tensor], linea
     with torch.no_grad():
         for name in chosen:
             m: LoRALinear = model.get_submodule(name)
-            m.A.copy_(groups[name]["lora_A.weight"])  # [r, in]
+            m.A.copy_(groups[name]["lora_A.weight"])  # [r, in], in the layer's dtype (exact when they agree)
             m.B.copy_(groups[name]["lora_B.weight"])  # [out, r]
 
 
@@ -404,10 +408,11 @@ def _import_ia3(model: GPT, config: dict, state: dict[str, torch.Tensor], linear
             wrong.append(f"{name}.ia3_l: saved {saved}, expected {shape} ({role})")
     if wrong:
         raise ValueError("adapter does not fit this model: " + "; ".join(wrong))
-    freeze(model)
+    built = {}  # id of each linear -> its IA3Linear, holding the file's vector in the layer's dtype
     for name in chosen:
-        mode = "input" if name in feedforward else "output"
-        inject(model, [name], lambda lin, mode=mode: IA3Linear(lin, mode))
-        ia3: IA3Linear = model.get_submodule(name)
-        with torch.no_grad():
-            ia3.scale.copy_(groups[name]["ia3_l"].flatten())  # [out] or [in]
+        lin: nn.Linear = model.get_submodule(name)
+        ia3 = IA3Linear(lin, "input" if name in feedforward else "output")
+        w = lin.weight
+        ia3.scale = nn.Parameter(groups[name]["ia3_l"].flatten().to(device=w.device, dtype=w.dtype))  # [out] or [in]
+        built[id(lin)] = ia3
+    inject(model, chosen, lambda lin: built[id(lin)])  # freezes the base, swaps every module in at once

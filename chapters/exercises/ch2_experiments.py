@@ -27,7 +27,8 @@ def predicted_int(answer: Any, what: str) -> int:
 
 @checker("ch2.large_sparse")
 def check_large_sparse(answer: Any) -> None:
-    """{"width": m', "kept": non-zero adapter weights} for the dense m = 8 budget at s = 0.75 on `small`."""
+    """{"width": m', "kept": non-zero adapter weights} for the dense m = 8 budget keeping a fraction 0.25 (s = 0.75)
+    of the weights, on `small`."""
     from chapters.ch2_additive import sparse_adapter as sa
     from minimal.pretrained import load_base
 
@@ -37,16 +38,17 @@ def check_large_sparse(answer: Any) -> None:
         raise Mismatch("the answer should be a dict with the keys 'width' and 'kept'")
     width = predicted_int(answer["width"], "'width'")
     kept = predicted_int(answer["kept"], "'kept'")
-    want_width = sa.large_sparse_bottleneck(8, 0.75)
+    want_width = sa.large_sparse_bottleneck(8, 0.25)
     if width != want_width:
-        raise Mismatch(f"the large-sparse width for m = 8 at s = 0.75 is {want_width}, you predicted {width} "
-                       "(the widest m' whose (1 - s) share of weights fits the dense m = 8 budget)")
+        raise Mismatch(f"the large-sparse width for m = 8 keeping 0.25 of the weights (s = 0.75) is {want_width}, "
+                       f"you predicted {width} (the widest m' whose kept share of weights fits the dense m = 8 "
+                       "budget)")
     model = load_base("small")
     torch.manual_seed(0)
-    sa.apply_sparse_adapter(model, bottleneck=want_width, sparsity=0.75, criterion="random")
+    sa.apply_sparse_adapter(model, bottleneck=want_width, fraction=0.25, criterion="random")
     want_kept = sa.nonzero_count(model)["weights"]
     if kept != want_kept:
-        raise Mismatch(f"a Pfeiffer adapter of width {want_width} on small (2 blocks, d = 64) at s = 0.75 keeps "
+        raise Mismatch(f"a Pfeiffer adapter of width {want_width} on small (2 blocks, d = 64) keeping 0.25 keeps "
                        f"{want_kept:,} weights, you predicted {kept:,} (W_down and W_up of each block; biases "
                        "are not pruned and not counted here)")
 
@@ -65,42 +67,44 @@ def random_weights_and_grads(seed: int) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def library_snip_masks(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                       sparsity: float) -> dict[str, torch.Tensor]:
-    """sparse_adapter.py's rule: |W * dL/dW|, normalised, global top ceil((1 - s) N)."""
+                       fraction: float) -> dict[str, torch.Tensor]:
+    """sparse_adapter.py's rule: |W * dL/dW|, normalised, global top ceil(fraction N)."""
     from chapters.ch2_additive import sparse_adapter as sa
     from minimal.sparse import topk_mask
 
     scores = sa._normalise({n: (w * grads[n]).abs() for n, w in weights.items()})
-    return topk_mask(scores, sa.n_keep(sum(s.numel() for s in scores.values()), sparsity))
+    return topk_mask(scores, sa.n_keep(sum(s.numel() for s in scores.values()), fraction))
 
 
 @checker("ch2.snip_masks")
 def check_snip_masks(snip_masks: Callable[..., dict[str, torch.Tensor]]) -> None:
-    """snip_masks(weights, grads, sparsity): bool masks keeping the top ceil((1 - s) N) SNIP scores, globally."""
+    """snip_masks(weights, grads, fraction): bool masks keeping the top ceil(fraction N) SNIP scores, globally."""
     for seed in range(3):
         weights, grads = random_weights_and_grads(seed)
         total = sum(w.numel() for w in weights.values())  # 140
-        for s in (0.0, 0.5, 0.55, 0.9):  # 0.55: (1 - s) N = 63 exactly; 0.9: 14.000000000000002
+        for f in (1.0, 0.5, 0.45, 0.1):  # 0.45: fraction N = 63 exactly; 0.1: 14
             got = run(snip_masks, {n: w.clone() for n, w in weights.items()},
-                      {n: g.clone() for n, g in grads.items()}, s, what=f"snip_masks(weights, grads, {s})")
-            want = library_snip_masks(weights, grads, s)
+                      {n: g.clone() for n, g in grads.items()}, f, what=f"snip_masks(weights, grads, {f})")
+            want = library_snip_masks(weights, grads, f)
             if not isinstance(got, dict) or set(got) != set(want):
-                raise Mismatch(f"s={s}: expected a dict with the keys {sorted(want)}")
+                raise Mismatch(f"fraction={f}: expected a dict with the keys {sorted(want)}")
             for n, m in got.items():
                 if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != want[n].shape:
-                    raise Mismatch(f"s={s}: the mask of {n!r} should be a bool tensor of shape {tuple(want[n].shape)}")
+                    raise Mismatch(f"fraction={f}: the mask of {n!r} should be a bool tensor of shape "
+                                   f"{tuple(want[n].shape)}")
             equal(sum(int(m.sum()) for m in got.values()), sum(int(m.sum()) for m in want.values()),
-                  f"s={s}, {total} weights: the number of kept weights (ceil((1 - s) N), N over all tensors together)")
+                  f"fraction={f}, {total} weights: the number of kept weights (ceil(fraction N), N over all "
+                  "tensors together)")
             for n in want:
                 if not torch.equal(got[n], want[n]):
-                    raise Mismatch(f"s={s}: in {n!r} you keep {int(got[n].sum())} weights, SNIP keeps "
+                    raise Mismatch(f"fraction={f}: in {n!r} you keep {int(got[n].sum())} weights, SNIP keeps "
                                    f"{int(want[n].sum())} there (score |W * grad|, rank all tensors together)")
-    # a budget that is not a whole number of weights: (1 - s) N = 31.5 of 70 -> keep 32 (ceil)
+    # a budget that is not a whole number of weights: fraction N = 31.5 of 70 -> keep 32 (ceil)
     weights, grads = random_weights_and_grads(3)
     weights = {n: w for n, w in list(weights.items())[:2]}
     grads = {n: grads[n] for n in weights}
-    got = run(snip_masks, weights, grads, 0.55, what="snip_masks(weights, grads, 0.55)")
-    equal(sum(int(m.sum()) for m in got.values()), 32, "s=0.55 of 70 weights: the number kept (ceil((1 - s) N))")
+    got = run(snip_masks, weights, grads, 0.45, what="snip_masks(weights, grads, 0.45)")
+    equal(sum(int(m.sum()) for m in got.values()), 32, "fraction=0.45 of 70 weights: the number kept (ceil(f N))")
 
 
 # ----------------------------------------------------------------------------------- empirical Fisher

@@ -35,7 +35,7 @@ def tensor(got: Any, what: str) -> torch.Tensor:
 
 # =========================================================================== ch4_rank_allocation.ipynb
 
-# (init_budget b0, target_budget b_T, total_steps T, t_init, t_final, delta_t); the first is the notebook's
+# (init_budget b0, target_budget b_T, total_steps T, t_init, t_final, period); the first is the notebook's
 SCHEDULES = ((96, 64, 80, 8, 24, 5), (120, 40, 200, 20, 40, 10), (10, 3, 17, 0, 0, 1), (48, 48, 30, 5, 5, 3),
              (1000, 1, 90, 9, 0, 4))
 
@@ -47,14 +47,14 @@ def _exact_budget(t: int, b0: int, bT: int, T: int, t_init: int, t_final: int) -
 
 @checker("ch4.alloc_budget_schedule")
 def check_budget_schedule(budget: Callable[..., tuple[int, bool]]) -> None:
-    """budget(t, b0, b_T, T, t_init, t_final, delta_t) -> (b(t), mask now?), as adalora.budget_schedule."""
+    """budget(t, b0, b_T, T, t_init, t_final, period) -> (b(t), mask now?), as adalora.budget_schedule."""
     from chapters.ch4_low_rank.adalora import budget_schedule
 
-    for b0, bT, T, t_init, t_final, dt in SCHEDULES:
-        setting = f"b0={b0}, b_T={bT}, T={T}, t_init={t_init}, t_final={t_final}, delta_t={dt}"
+    for b0, bT, T, t_init, t_final, period in SCHEDULES:
+        setting = f"b0={b0}, b_T={bT}, T={T}, t_init={t_init}, t_final={t_final}, period={period}"
         for t in range(1, T + 1):
-            got = run(budget, t, b0, bT, T, t_init, t_final, dt, what=f"budget(t={t}, {setting})")
-            want = budget_schedule(t, b0, bT, T, t_init, t_final, dt)
+            got = run(budget, t, b0, bT, T, t_init, t_final, period, what=f"budget(t={t}, {setting})")
+            want = budget_schedule(t, b0, bT, T, t_init, t_final, period)
             if not isinstance(got, tuple) or len(got) != 2:
                 raise Mismatch(f"budget(...) should return a pair (b, mask_now), got {got!r}")
             b, mask_now = got
@@ -68,7 +68,7 @@ def check_budget_schedule(budget: Callable[..., tuple[int, bool]]) -> None:
                 raise Mismatch(f"t={t} ({setting}): b(t) = {b}, the library's schedule gives {want[0]}")
             if bool(mask_now) != want[1]:
                 raise Mismatch(f"t={t} ({setting}): mask now = {bool(mask_now)}, expected {want[1]} "
-                               "(no masking up to t_init; every delta_t steps in the cubic phase; "
+                               "(no masking up to t_init; every `period` steps in the cubic phase; "
                                "every step once the final budget is reached)")
 
 
@@ -120,7 +120,7 @@ def check_adalora_count(answer: Any) -> None:
 
     got = predicted(answer)
     model = load_base("base")
-    apply_adalora(model, total_steps=100, init_r=8, target_r=4, targets=TARGETS)
+    apply_adalora(model, init_r=8, target_r=4, targets=TARGETS)
     want = count_trainable(model).trainable
     if got != want:
         lora = want - 8 * 16
@@ -179,7 +179,7 @@ def check_galore_state(answer: Any) -> None:
     got = predicted(answer)
     torch.manual_seed(0)
     model = load_base("base")
-    hooks = galore.apply_galore(model, rank=16, targets=TARGETS)
+    hooks = galore.apply_galore(model, r=16, targets=TARGETS)
     opt = hooks.make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig())
     idx = torch.randint(0, model.config.vocab_size, (2, 16))
     model(idx, labels=idx).loss.backward()

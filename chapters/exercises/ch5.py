@@ -39,7 +39,7 @@ def as_number(answer: Any, what: str) -> float:
 @checker("ch5.ovr_auc")
 def check_ovr_auc(answer: Any) -> None:
     """The one-vs-rest macro AUC of the 6-row example (OVR_LABELS, OVR_PROBA), computed by hand."""
-    from chapters.ch5_applications.tabllm import auc
+    from chapters.ch3_selective.glue_metrics import auc
 
     got = as_number(answer, "the AUC")
     y, p = torch.tensor(OVR_LABELS), torch.tensor(OVR_PROBA, dtype=torch.float64)
@@ -70,7 +70,7 @@ def auc_cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 @checker("ch5.roc_auc")
 def check_roc_auc(roc_auc: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
     """roc_auc(y_true, score) -> P(a positive scores above a negative), ties 1/2, as the library's roc_auc."""
-    from chapters.ch5_applications import tabllm as T
+    from chapters.ch3_selective.glue_metrics import roc_auc as library_roc_auc
 
     for what, y, s in auc_cases():
         got = run(roc_auc, y.clone(), s.clone(), what=f"roc_auc on {what}")
@@ -78,7 +78,7 @@ def check_roc_auc(roc_auc: Callable[[torch.Tensor, torch.Tensor], float]) -> Non
             got = float(got)
         except (TypeError, ValueError) as err:
             raise Mismatch(f"roc_auc should return a number, got {type(got).__name__}") from err
-        want = T.roc_auc(y, s)
+        want = library_roc_auc(y, s)
         if abs(got - want) > 1e-9:
             hint = ""
             if abs(got - (1 - want)) < 1e-9 and abs(want - 0.5) > 1e-9:
@@ -93,12 +93,12 @@ def check_roc_auc(roc_auc: Callable[[torch.Tensor, torch.Tensor], float]) -> Non
 
 def serialization_cases() -> list[tuple[list[str], list[str]]]:
     """(columns, values) rows of the three bundled tables, as words and as numbers, plus a one-column row."""
-    from chapters.ch5_applications import tabllm as T
+    from chapters.ch5_applications.tabllm_recipe import build_task
 
     cases = []
     for i, (name, n_features, values) in enumerate((("wine", 4, "level"), ("iris", 3, "number"),
                                                      ("breast_cancer", 5, "level"), ("wine", 1, "number"))):
-        task = T.build_task(name, n_features=n_features, values=values, seed=i)
+        task = build_task(name, n_features=n_features, values=values, seed=i)
         for row in task.values["test"][:2]:
             cases.append((list(task.columns), list(row)))
     return cases
@@ -123,11 +123,11 @@ def check_serialize_text(serialize_text: Callable[[list[str], list[str]], str]) 
 @functools.lru_cache(maxsize=1)
 def tabllm_prompts() -> tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]:
     """(description, prompts, choices): a few test prompts of each table, answers of 2 and 3 choices."""
-    from chapters.ch5_applications import tabllm as T
+    from chapters.ch5_applications.tabllm_recipe import build_task
 
     out = []
     for name, template in (("wine", "text"), ("breast_cancer", "list"), ("iris", "list_permuted_values")):
-        task = T.build_task(name)
+        task = build_task(name)
         prompts = task.prompts("test", template)
         out.append((f"{name} ({template} template)", tuple(prompts[::max(1, len(prompts) // 5)][:5]), task.classes))
     return tuple(out)

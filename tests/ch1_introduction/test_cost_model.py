@@ -62,8 +62,8 @@ def test_formula_equals_real_minimal_gpt(dims: tuple[int, ...], bias: bool) -> N
         assert real == cfg.n_params()  # and the closed form V d + T d + L (12 d^2 + 13 d) + 2 d
 
 
-def test_spec_reference_configs() -> None:
-    # TINY-S and TINY-M of the spec sheet, section 0.1
+def test_two_reference_configs_by_hand() -> None:
+    # V d + T d + L (12 d^2 + 13 d) + 2 d for (V, T, L, d) = (256, 128, 4, 128) and (512, 256, 6, 256)
     assert param_count(from_gpt_config(GPTConfig(256, 128, 4, 4, 128))) == 842_496
     assert param_count(from_gpt_config(GPTConfig(512, 256, 6, 8, 256))) == 4_935_680
 
@@ -92,7 +92,8 @@ def test_model_state_formulas() -> None:
     assert model_state_bytes(n, t, "fp32").model_states == 4 * n + 12 * t
     assert model_state_bytes(n, t, "mixed").model_states == 2 * n + 14 * t
     assert model_state_bytes(n, 0, "mixed").model_states == 2 * n  # inference-only weights
-    # spec worked example: TINY-M, BitFit (17,152 biases) in fp32 = 4 (Phi - Phi_t) + 16 Phi_t ~ 19.95 MB
+    # worked example: the second config above with BitFit (L 11 d + d = 17,152 biases) in fp32
+    # = 4 (Phi - Phi_t) + 16 Phi_t ~ 19.95 MB
     phi = 4_935_680
     assert model_state_bytes(phi, 17_152, "fp32").model_states == 4 * (phi - 17_152) + 16 * 17_152
     assert round(model_state_bytes(phi, 17_152, "fp32").model_states / 1e6, 2) == 19.95
@@ -151,7 +152,7 @@ def test_predicted_bytes_match_measured_peft() -> None:
     unfreeze(model, lambda name: name.endswith(".bias"))  # BitFit-like: every bias trains
     n = param_count(from_gpt_config(cfg))
     n_t = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert n_t == cfg.n_layer * 11 * cfg.n_embd + cfg.n_embd  # L 11 d + d (spec 0.1)
+    assert n_t == cfg.n_layer * 11 * cfg.n_embd + cfg.n_embd  # L (9 d linear + 2 d LayerNorm biases) + d (ln_f)
     opt = _one_adamw_step(model)
     measured = tensor_bytes(model, opt)
     predicted = model_state_bytes(n, n_t, "fp32").model_states

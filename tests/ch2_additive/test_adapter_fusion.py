@@ -4,9 +4,9 @@ import torch
 from chapters.ch2_additive.adapter_fusion import (
     FusionLayer,
     apply_adapter_fusion,
+    count_adapter_fusion,
     fusion_layers,
     fusion_weights,
-    n_fusion_params,
     train_source_adapter,
 )
 from chapters.ch2_additive.adapters import Adapter, apply_pfeiffer
@@ -42,10 +42,10 @@ def quick(steps: int = 25, lr: float = 1e-2) -> TrainConfig:
 def test_stage2_trainable_set_is_q_k_v_per_layer():
     model = tiny_gpt()
     apply_adapter_fusion(model, {"a": random_set(1), "b": random_set(2), "c": random_set(3)})
-    assert count_trainable(model).trainable == L * (3 * d * d + 2 * d) == n_fusion_params(L, d)
+    assert count_trainable(model).trainable == L * (3 * d * d + 2 * d) == count_adapter_fusion(CFG)
     assert {n.split("mlp_out.")[1] for n in trainable_names(model)} == {
         "query.weight", "query.bias", "key.weight", "key.bias", "value.weight"}
-    assert n_fusion_params(4, 128) == 197_632  # the spec's TINY-S number
+    assert count_adapter_fusion(tiny_config(n_layer=4, n_embd=128)) == 197_632  # 4 (3 * 128^2 + 2 * 128)
     v = model.h[0].mlp_out.value.weight
     assert torch.equal(v.diagonal(), torch.ones(d)) and v[0, 1].item() == pytest.approx(1e-6)
 
@@ -134,23 +134,19 @@ def test_stage1_trains_one_adapter_set_and_leaves_the_model_plain():
     assert isinstance(model.h[0].mlp_out, FusionLayer)
 
 
-def test_errors():
-    with pytest.raises(ValueError, match="at least one"):
-        apply_adapter_fusion(tiny_gpt(), {})
-    with pytest.raises(ValueError, match="has 1 adapters, the model has 2 layers"):
-        apply_adapter_fusion(tiny_gpt(), {"a": random_set(1)[:1]})
-    with pytest.raises(ValueError, match="adapter width 32, model 64"):
-        apply_adapter_fusion(tiny_gpt(), {"a": [Adapter(32, 4), Adapter(32, 4)]})
-    with pytest.raises(TypeError, match="expected an Adapter"):
-        apply_adapter_fusion(tiny_gpt(), {"a": [torch.nn.Linear(d, d)] * L})
-    with pytest.raises(ValueError, match="temperature"):
-        apply_adapter_fusion(tiny_gpt(), {"a": random_set(1)}, temperature=0)
-    with pytest.raises(TypeError, match="GPT"):
-        apply_adapter_fusion(torch.nn.Linear(2, 2), {"a": random_set(1)})
+def test_errors(refuses):
+    refuses(tiny_gpt(), lambda model: apply_adapter_fusion(model, {}), "at least one")
+    refuses(tiny_gpt(), lambda model: apply_adapter_fusion(model, {"a": random_set(1)[:1]}),
+            "has 1 adapters, the model has 2 layers")
+    refuses(tiny_gpt(), lambda model: apply_adapter_fusion(model, {"a": [Adapter(32, 4), Adapter(32, 4)]}),
+            "adapter width 32, model 64")
+    refuses(tiny_gpt(), lambda model: apply_adapter_fusion(model, {"a": [torch.nn.Linear(d, d)] * L}),
+            "expected an Adapter", TypeError)
+    refuses(tiny_gpt(), lambda model: apply_adapter_fusion(model, {"a": random_set(1)}, temperature=0), "temperature")
+    refuses(torch.nn.Linear(2, 2), lambda model: apply_adapter_fusion(model, {"a": random_set(1)}), "GPT", TypeError)
     model = tiny_gpt()
     apply_pfeiffer(model, m)
-    with pytest.raises(ValueError, match="already holds Adapter"):
-        apply_adapter_fusion(model, {"a": random_set(1)})
+    refuses(model, lambda model: apply_adapter_fusion(model, {"a": random_set(1)}), "already holds Adapter")
     with pytest.raises(ValueError, match="no AdapterFusion layers"):
         fusion_weights(tiny_gpt(), ids())
 
@@ -173,3 +169,12 @@ def test_temperature_divides_the_scores_and_the_regulariser_is_the_frobenius_nor
         for layer in fusion_layers(model):
             layer.value.weight.copy_(torch.eye(d) + 0.1)  # ||I - V||_F^2 = d^2 * 0.01 per layer
     torch.testing.assert_close(hooks.extra_loss(model), torch.tensor(0.5 * L * d * d * 0.01))
+
+
+def test_dtype_follows_the_model():
+    model = tiny_gpt().to(torch.float64)
+    hooks = apply_adapter_fusion(model, {"a": random_set(1), "b": random_set(2)})
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    loss = model(ids(), labels=ids()).loss + hooks.extra_loss(model)
+    assert loss.dtype == torch.float64
+    loss.backward()

@@ -3,8 +3,8 @@ import torch
 
 from chapters.ch2_additive.ciat import (
     apply_ciat,
+    count_ciat,
     measure_interference,
-    n_ciat_params,
     remove_ciat,
     set_direction,
 )
@@ -48,13 +48,15 @@ def visible(model: GPT) -> None:
 
 def test_parameter_count_per_direction_matches_the_formula():
     model = make(("a_b",))
-    assert count_trainable(model).trainable == d * d + 3.5 * d + 2 * L * (d * d + 1.5 * d) == n_ciat_params(L, d)
+    assert count_trainable(model).trainable == d * d + 3.5 * d + 2 * L * (d * d + 1.5 * d) == count_ciat(CFG)
     model = make(("a_b", "a_c", "b_c"))
-    assert count_trainable(model).trainable == 3 * n_ciat_params(L, d)
-    assert count_trainable(make(("a_b",), lht=True)).trainable == n_ciat_params(L, d) + d * d
-    assert count_trainable(make(("a_b",), bottleneck=8)).trainable == n_ciat_params(L, d, 8) \
+    assert count_trainable(model).trainable == 3 * count_ciat(CFG) == count_ciat(CFG, ("a_b", "a_c", "b_c"))
+    assert count_trainable(make(("a_b",), lht=True)).trainable == count_ciat(CFG, lht=True) == count_ciat(CFG) + d * d
+    assert count_trainable(make(("a_b",), bottleneck=8)).trainable == count_ciat(CFG, bottleneck=8) \
         == 2 * d + (2 * d * 8 + 8 + d) * (1 + 2 * L)
-    assert n_ciat_params(4, 128) == 149_440 and n_ciat_params(6, 256) == 857_472  # the spec's TINY-S/M numbers
+    # by hand for L = 4, d = 128 and L = 6, d = 256 (m = d/2): d^2 + 3.5 d + 2 L (d^2 + 1.5 d)
+    wide, wider = GPTConfig(n_layer=4, n_embd=128), GPTConfig(n_layer=6, n_embd=256)
+    assert count_ciat(wide) == 149_440 and count_ciat(wider) == 857_472
 
 
 def test_zero_init_is_the_base_exactly_and_off_is_the_base():
@@ -150,7 +152,7 @@ def test_measure_interference_mechanics():
         measure_interference(base, train_fns, {"a_b": evals["a_b"]}, TrainConfig(steps=1, warmup=0))
 
 
-def test_errors():
+def test_errors(refuses):
     with pytest.raises(ValueError, match="mixes"):
         model = make()
         x = torch.cat([pair_batch("a", "b")[0][:2], pair_batch("a", "c")[0][:2]])
@@ -159,21 +161,24 @@ def test_errors():
         make()(pair_batch("b", "c")[0])
     with pytest.raises(ValueError, match="no CIAT modules for direction"):
         set_direction(make(), "c_a")
-    with pytest.raises(ValueError, match="already has CIAT"):
-        model = make()
-        apply_ciat(model, ("a_b",), tag_ids=TAGS)
-    with pytest.raises(ValueError, match="distinct"):
-        apply_ciat(tiny(), ("a_b", "a_b"), tag_ids=TAGS)
-    with pytest.raises(ValueError, match="bottleneck"):
-        apply_ciat(tiny(), bottleneck=0, tag_ids=TAGS)
-    with pytest.raises(ValueError, match="unknown CIAT init"):
-        apply_ciat(tiny(), init="glorot", tag_ids=TAGS)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        apply_ciat(tiny(), tag_ids={"a": 500, "b": 501})
+    model = make()
+    refuses(model, lambda m: apply_ciat(m, ("a_b",), tag_ids=TAGS), "already has CIAT")
+    refuses(tiny(), lambda m: apply_ciat(m, ("a_b", "a_b"), tag_ids=TAGS), "distinct")
+    refuses(tiny(), lambda m: apply_ciat(m, bottleneck=0, tag_ids=TAGS), "bottleneck")
+    refuses(tiny(), lambda m: apply_ciat(m, init="glorot", tag_ids=TAGS), "unknown CIAT init")
+    refuses(tiny(), lambda m: apply_ciat(m, tag_ids={"a": 500, "b": 501}), "outside the model's vocabulary")
     with pytest.raises(ValueError, match="no CIAT modules; call apply_ciat"):
         set_direction(tiny(), "a_b")
-    with pytest.raises(TypeError, match="GPT"):
-        apply_ciat(torch.nn.Linear(2, 2))
+    refuses(torch.nn.Linear(2, 2), apply_ciat, "GPT", TypeError)
+
+
+def test_dtype_follows_the_model():
+    model = tiny().to(torch.bfloat16)
+    apply_ciat(model, ("a_b",), tag_ids=TAGS)
+    visible(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x, labels = pair_batch("a", "b")
+    model(x, labels=labels).loss.backward()
 
 
 def test_linear_hidden_transformation_acts_on_the_last_block_output_only():

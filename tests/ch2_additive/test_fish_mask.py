@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from chapters.ch2_additive.fish_mask import apply_fish_mask, fish_mask, fisher_samples
+from chapters.ch2_additive.fish_mask import apply_fish_mask, count_fish_mask, fish_mask, fisher_samples
+from chapters.ch2_additive.ia3 import apply_ia3, count_ia3
 from minimal.data import Example, Task
 from minimal.gpt import GPT
-from minimal.peft import count_trainable, freeze
+from minimal.peft import count_trainable, trainable_names
 from minimal.sparse import delta_masks, empirical_fisher, mask_count, mask_overlap
 from minimal.train import TrainConfig, train
 from tests.helpers import effective_params, masked_batch, tiny_config, tiny_gpt
@@ -53,7 +54,7 @@ def test_delta_training_count_learns_and_leaves_unselected_entries_bitwise():
     hooks = apply_fish_mask(model, batch(), fraction=0.02)
     mask = delta_masks(model)
     k = int(0.02 * CFG.n_params())
-    assert count_trainable(model).trainable == mask_count(mask) == k
+    assert count_trainable(model).trainable == mask_count(mask) == k == count_fish_mask(CFG, 0.02)
     assert torch.equal(model(idx).logits, base_logits)
     res = run(model, hooks)
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -69,7 +70,8 @@ def test_grad_mask_implementation_gives_the_same_mask_and_guarantee():
     model = tiny()
     theta0 = effective(model)
     hooks = apply_fish_mask(model, batch(), fraction=0.02, implementation="grad_mask")
-    mask = hooks.after_backward.__self__.masks
+    mask = hooks.masks
+    assert hooks.n_trainable == mask_count(mask) == count_fish_mask(CFG, 0.02)
     reference = tiny()
     ref_mask = fish_mask(reference, *batch(), fraction=0.02)
     assert all(torch.equal(mask[n], ref_mask[n]) for n in mask)
@@ -112,10 +114,23 @@ def test_fisher_samples_from_a_task_are_deterministic():
     assert fisher_samples((idx, labels), 3, 32)[0].shape[0] == 3
 
 
-def test_errors():
+def test_stacked_on_another_method_leaves_its_parameters_to_it():
     model = tiny()
-    with pytest.raises(ValueError, match="implementation"):
-        apply_fish_mask(model, batch(), implementation="dense")
+    apply_ia3(model)
+    hooks = apply_fish_mask(model, None, fraction=0.01, score="random", implementation="grad_mask")
+    assert not any(n.endswith(".scale") for n in hooks.masks)  # (IA)^3's vectors are not scored or masked
+    assert all(n in trainable_names(model) for n, _ in model.named_parameters() if n.endswith(".scale"))
+    assert hooks.n_trainable == mask_count(hooks.masks) + count_ia3(CFG)
+
+
+def test_errors(refuses):
+    model = tiny()
+    refuses(model, lambda m: apply_fish_mask(m, batch(), implementation="dense"), "implementation")
+    refuses(model, lambda m: apply_fish_mask(m, batch(), fraction=0.0), "fraction")
+    refuses(model, lambda m: apply_fish_mask(m, batch(), fraction=1.0), "eligible")
+    refuses(model, lambda m: apply_fish_mask(m, [1, 2, 3]), "Task or an", TypeError)
+    refuses(model, lambda m: apply_fish_mask(m, None), "needs data")
+    refuses(model, lambda m: apply_fish_mask(m, batch(), n_samples=0), "n_samples")
     with pytest.raises(ValueError, match="unknown score"):
         fish_mask(model, *batch(), score="magnitude")
     with pytest.raises(ValueError, match="fraction"):
@@ -124,15 +139,7 @@ def test_errors():
         fish_mask(model, *batch(), fraction=1.0)  # wte is excluded: not enough entries
     with pytest.raises(ValueError, match="exclude names unknown"):
         fish_mask(model, *batch(), exclude=("lm_head.weight",))
-    with pytest.raises(TypeError, match="Task or an"):
-        apply_fish_mask(model, [1, 2, 3])
-    with pytest.raises(ValueError, match="needs data"):
-        apply_fish_mask(model, None)
     with pytest.raises(ValueError, match="needs samples"):
         fish_mask(model, None, None)
-    with pytest.raises(ValueError, match="n_samples"):
-        apply_fish_mask(model, batch(), n_samples=0)
-    freeze(model)
     apply_fish_mask(model, batch(), fraction=0.01)
-    with pytest.raises(ValueError, match="already has sparse deltas"):
-        apply_fish_mask(model, batch(), fraction=0.01, exclude=())
+    refuses(model, lambda m: apply_fish_mask(m, batch(), fraction=0.01, exclude=()), "already has sparse deltas")

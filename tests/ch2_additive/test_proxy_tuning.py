@@ -99,3 +99,12 @@ def test_errors():
         proxy_model(base, small, small).generate(ids(), 2, temperature=-1)
     with pytest.raises(ValueError, match="gap is zero"):
         gap_closed(0.5, 0.5, 0.5)
+
+
+def test_scores_are_combined_in_float32_or_wider():
+    x = ids()
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        base, small = gpt(BIG, 0).to(dtype), gpt(SMALL, 1).to(dtype)
+        z = proxy_model(base, small, small)(x).logits
+        assert z.dtype == want
+        assert torch.equal(z, base(x).logits.to(want).log_softmax(-1))

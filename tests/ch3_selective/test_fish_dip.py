@@ -4,11 +4,13 @@ import torch
 from chapters.ch3_selective.fish_dip import (
     FishDip,
     apply_fish_dip,
+    count_fish_dip,
     default_n_hard,
     dip_mask,
     sample_losses,
     sample_pool,
 )
+from chapters.ch3_selective.freeze_layers import apply_freeze_layers
 from minimal.data import Example, Task
 from minimal.gpt import GPT
 from minimal.hooks import Hooks
@@ -78,7 +80,7 @@ def test_mask_is_recomputed_on_schedule_from_the_current_hardest_samples():
     for p in model.parameters():
         p.requires_grad_(True)
     model.wte.weight.requires_grad_(False)
-    dip = FishDip(model, idx, labels, fraction=FRACTION, every=3, n_hard=3)
+    dip = FishDip(model, idx, labels, fraction=FRACTION, period=3, n_hard=3)
     checks = []
 
     def step_end(m, step, opt):
@@ -105,13 +107,13 @@ def test_mask_is_recomputed_on_schedule_from_the_current_hardest_samples():
 def test_apply_trains_everything_but_the_head_and_learns():
     model = tiny()
     idx, labels = pool(16)
-    hooks = apply_fish_dip(model, (idx, labels), fraction=FRACTION, every=4, n_hard=4)
-    assert not model.wte.weight.requires_grad
+    dip = apply_fish_dip(model, (idx, labels), fraction=FRACTION, period=4, n_hard=4)
+    assert isinstance(dip, FishDip) and not model.wte.weight.requires_grad
     assert count_trainable(model).trainable == CFG.n_params() - CFG.vocab_size * CFG.n_embd
-    dip = hooks.after_backward.__self__
-    assert mask_count(dip.masks) == K and "wte.weight" not in dip.masks
+    assert mask_count(dip.masks) == K == dip.n_trainable == count_fish_dip(CFG, FRACTION)
+    assert "wte.weight" not in dip.masks
     wte = model.wte.weight.detach().clone()
-    res = train(model, lambda g: (idx, labels), TrainConfig(steps=12, lr=3e-2, warmup=0, log_every=0), hooks)
+    res = train(model, lambda g: (idx, labels), TrainConfig(steps=12, lr=3e-2, warmup=0, log_every=0), dip)
     assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.05
     assert torch.equal(model.wte.weight, wte) and dip.refreshes == [0, 4, 8, 12]
 
@@ -123,7 +125,7 @@ def test_default_n_hard_follows_the_released_rule():
     assert default_n_hard(2) == 2  # never more than the pool
 
 
-def test_sample_pool_and_errors():
+def test_sample_pool_and_errors(refuses):
     task = Task("t", "classify", {"train": [Example(f"item {i}", "yes") for i in range(20)], "val": [], "test": []})
     a, b = sample_pool(task, 6, 32, seed=2), sample_pool(task, 6, 32, seed=2)
     assert a[0].shape[0] == 6 and torch.equal(a[0], b[0])
@@ -131,14 +133,16 @@ def test_sample_pool_and_errors():
         sample_pool([1, 2], 4, 32)
     model = tiny()
     idx, labels = pool()
-    with pytest.raises(ValueError, match="every"):
-        FishDip(model, idx, labels, every=0)
+    with pytest.raises(ValueError, match="period"):
+        FishDip(model, idx, labels, period=0)
     with pytest.raises(ValueError, match="n_hard"):
         FishDip(model, idx, labels, n_hard=11)
     with pytest.raises(ValueError, match="exclude"):
         FishDip(model, idx, labels, exclude=("lm_head.weight",))
     with pytest.raises(ValueError, match="eligible"):
         FishDip(model, idx, labels, fraction=0.99)
+    refuses(model, lambda m: apply_fish_dip(m, (idx, labels), fraction=0.99), "eligible")
+    refuses(model, lambda m: apply_fish_dip(m, (idx, labels), period=2.5), "period")
     labels[0, 4:] = -100
     with pytest.raises(ValueError, match="no target token"):
         sample_losses(model, idx, labels)
@@ -151,7 +155,7 @@ def test_strict_mode_holds_dropped_entries_at_their_value_at_the_last_refresh_no
         p.requires_grad_(True)
     model.wte.weight.requires_grad_(False)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dip = FishDip(model, idx, labels, fraction=FRACTION, every=3, n_hard=3)
+    dip = FishDip(model, idx, labels, fraction=FRACTION, period=3, n_hard=3)
     at_refresh: dict[str, torch.Tensor] = {}
     moved = []
 
@@ -168,3 +172,13 @@ def test_strict_mode_holds_dropped_entries_at_their_value_at_the_last_refresh_no
     train(model, lambda g: (idx, labels), TrainConfig(steps=8, lr=1e-2, warmup=0, log_every=0),
           Hooks(after_backward=dip.after_backward, step_end=step_end))
     assert len(moved) == 2 and all(k > 0 for k in moved)  # entries trained, then dropped: not at theta0
+
+
+def test_stacked_on_another_method_leaves_its_parameters_unmasked():
+    model = tiny()
+    apply_freeze_layers(model, k=1)  # a first method: h.1 and ln_f train
+    first = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    idx, labels = pool()
+    dip = apply_fish_dip(model, (idx, labels), fraction=FRACTION, n_hard=3)
+    assert set(first) <= {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not set(first) & set(dip.masks) and dip.n_trainable == K + sum(first.values())

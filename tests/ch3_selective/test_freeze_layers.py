@@ -1,7 +1,6 @@
-import pytest
 import torch
 
-from chapters.ch3_selective.freeze_layers import apply_freeze_layers, freeze_layers_count, saved_activation_bytes
+from chapters.ch3_selective.freeze_layers import apply_freeze_layers, count_freeze_layers, saved_activation_bytes
 from minimal.gpt import GPT, GPTConfig
 from minimal.peft import count_trainable, trainable_names
 from minimal.train import TrainConfig, train
@@ -15,16 +14,17 @@ def tiny(cfg: GPTConfig = CFG) -> GPT:
     return tiny_gpt(0, cfg, eval_mode=False)
 
 
-def test_count_matches_formula_and_spec_table():
+def test_count_matches_formula_and_a_hand_count():
     model = tiny(TINY_S)
-    apply_freeze_layers(model, k=1)
-    assert count_trainable(model).trainable == freeze_layers_count(model, 1) == 198_528
+    apply_freeze_layers(model, k=1)  # d = 128: 12 d^2 + 13 d + 2 d
+    assert count_trainable(model).trainable == count_freeze_layers(TINY_S, 1) == 198_528
     for k in range(0, CFG.n_layer + 1):
         model = tiny()
         apply_freeze_layers(model, k=k)
-        assert count_trainable(model).trainable == freeze_layers_count(model, k)
+        assert count_trainable(model).trainable == count_freeze_layers(CFG, k)
+    model = tiny()
     apply_freeze_layers(model, k=2, train_ln_f=False)
-    assert count_trainable(model).trainable == 2 * (12 * 32 * 32 + 13 * 32)
+    assert count_trainable(model).trainable == 2 * (12 * 32 * 32 + 13 * 32) == count_freeze_layers(CFG, 2, False)
     assert not any(n.startswith("ln_f") for n in trainable_names(model))
 
 
@@ -71,10 +71,15 @@ def test_activation_memory_grows_with_k():
     assert all(a < b for a, b in zip(saved[:-1], saved[1:], strict=True)), saved
 
 
-def test_errors():
-    with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        apply_freeze_layers(tiny(), k=4)
-    with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        apply_freeze_layers(tiny(), k=-1)
-    with pytest.raises(ValueError, match="nothing to train"):
-        apply_freeze_layers(tiny(), k=0, train_ln_f=False)
+def test_errors(refuses):
+    refuses(tiny(), lambda m: apply_freeze_layers(m, k=4), r"\[0, 3\]")
+    refuses(tiny(), lambda m: apply_freeze_layers(m, k=-1), r"\[0, 3\]")
+    refuses(tiny(), lambda m: apply_freeze_layers(m, k=True), r"\[0, 3\]")
+    refuses(tiny(), lambda m: apply_freeze_layers(m, k=0, train_ln_f=False), "nothing to train")
+
+
+def test_stacked_on_another_method_keeps_its_trainables():
+    model = tiny()
+    apply_freeze_layers(model, k=1, train_ln_f=False)
+    apply_freeze_layers(model, k=0)  # a second method adds ln_f, the first one's top block still trains
+    assert set(trainable_names(model)) == {n for n, _ in model.named_parameters() if n.startswith(("h.2.", "ln_f."))}

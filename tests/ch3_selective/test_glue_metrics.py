@@ -1,10 +1,24 @@
-"""Each metric against a case worked out by hand (the arithmetic is in the comments)."""
+"""Each metric against a case worked out by hand (the arithmetic is in the comments), AUC also against sklearn."""
 
 import math
 
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
-from chapters.ch3_selective.glue_metrics import accuracy, confusion, f1, matthews, pearson, ranks, spearman, task_table
+from chapters.ch3_selective.glue_metrics import (
+    accuracy,
+    auc,
+    confusion,
+    f1,
+    matthews,
+    pearson,
+    ranks,
+    roc_auc,
+    roc_auc_ovr,
+    spearman,
+    task_table,
+)
 
 PRED = [1, 1, 0, 1, 0, 0, 1, 0]
 GOLD = [1, 0, 0, 1, 1, 0, 1, 0]  # TP = 3 (i 0, 3, 6), FP = 1 (i 1), FN = 1 (i 4), TN = 3 (i 2, 5, 7)
@@ -55,9 +69,53 @@ def test_errors_and_table():
         task_table({"t": (PRED, GOLD, ["bleu"])})
 
 
-def test_suite_table_on_a_tiny_model():
-    import torch
+def test_auc_hand_computed_cases():
+    # 4 (positive, negative) pairs; 3 ordered right: positive 0.35 is below negative 0.4
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert roc_auc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts one half
+    # pairs: (0.5 vs 0.2) 1, (0.5 vs 0.5) 1/2, (0.9 vs 0.2) 1, (0.9 vs 0.5) 1 -> 3.5 / 4
+    assert roc_auc([0, 0, 1, 1], [0.2, 0.5, 0.5, 0.9]) == 0.875
+    assert roc_auc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0 and roc_auc([1, 1, 0], [0.1, 0.2, 0.9]) == 0.0
+    # one-vs-rest, class by class:
+    #   class 0: scores 0.8 (pos), 0.1, 0.1, 0.2 -> 1
+    #   class 1: scores 0.1, 0.3 (pos), 0.3, 0.2 -> (1 + 1/2 + 1) / 3 = 2.5 / 3
+    #   class 2: scores 0.1, 0.6, 0.6 (pos), 0.6 (pos) -> each positive beats 0.1 and ties 0.6: 2 (1 + 1/2) / 4
+    proba = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.3, 0.6], [0.1, 0.3, 0.6], [0.2, 0.2, 0.6]])
+    y = torch.tensor([0, 1, 2, 2])
+    assert roc_auc_ovr(y, proba) == pytest.approx((1.0 + 2.5 / 3 + 0.75) / 3, abs=1e-15)
 
+
+def test_auc_matches_sklearn_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        y = torch.randint(0, 2, (200,), generator=gen)
+        s = (torch.rand(200, generator=gen) + 0.3 * y).mul(10).round() / 10  # few distinct values: many ties
+        assert roc_auc(y, s) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
+        y3 = torch.randint(0, 3, (150,), generator=gen)
+        proba = (torch.rand(150, 3, generator=gen, dtype=torch.float64) * 4).round().add(1e-3).softmax(-1)
+        want = roc_auc_score(y3.numpy(), proba.numpy(), multi_class="ovr", average="macro")
+        assert roc_auc_ovr(y3, proba) == pytest.approx(want, abs=1e-12)
+        assert auc(y3, proba) == roc_auc_ovr(y3, proba)
+        two = torch.stack([1 - s, s], 1)
+        assert auc(y, two) == roc_auc(y, s)
+
+
+def test_auc_bad_input():
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="entries"):
+        roc_auc([0, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="labels 0/1"):
+        roc_auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="finite"):
+        roc_auc([0, 1], [0.1, float("nan")])
+    with pytest.raises(ValueError, match="proba must be"):
+        roc_auc_ovr([0, 1, 2], torch.rand(2, 3))
+    with pytest.raises(ValueError, match="labels must be in"):
+        roc_auc_ovr([0, 1, 3], torch.rand(3, 3))
+
+
+def test_suite_table_on_a_tiny_model():
     from chapters.ch3_selective.glue_metrics import suite_table
     from minimal.gpt import GPT, GPTConfig
 

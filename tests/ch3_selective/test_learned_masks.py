@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from chapters.ch3_selective.learned_masks import (
     MaskedLinear,
     apply_learned_masks,
+    count_learned_masks,
     mask_sparsity,
     mask_storage_bits,
 )
@@ -39,7 +40,7 @@ def test_all_ones_mask_is_the_base_model_and_count_is_formula():
     # the straight-through value is exactly the binary mask, so W * 1 = W and the logits are bitwise the base's
     assert torch.equal(model(idx).logits, base)
     d, L = CFG.n_embd, CFG.n_layer
-    assert count_trainable(model).trainable == L * 12 * d * d == mask_storage_bits(model)
+    assert count_trainable(model).trainable == L * 12 * d * d == mask_storage_bits(model) == count_learned_masks(CFG)
     assert all(n.endswith(".scores") for n in trainable_names(model))
 
 
@@ -101,10 +102,25 @@ def test_merge_unmerge_and_unload():
     assert torch.allclose(model(idx).logits, out, atol=1e-6)
 
 
-def test_errors():
-    with pytest.raises(ValueError, match="initial_sparsity"):
-        apply_learned_masks(tiny(), initial_sparsity=1.0)
-    with pytest.raises(ValueError, match="unknown target module 'q_proj'"):
-        apply_learned_masks(tiny(), targets=["q_proj"])
+@pytest.mark.parametrize("targets", [("c_fc",), ("attn.c_proj", "mlp.c_proj"), r"h\.1\.attn\..*"])
+def test_count_formula_for_other_targets(targets):
+    model = tiny()
+    apply_learned_masks(model, targets=targets)
+    assert count_trainable(model).trainable == count_learned_masks(CFG, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_scores_follow_the_weight_dtype_and_an_all_ones_mask_stays_the_base(dtype):
+    model = tiny().to(dtype)
+    idx, _ = batch()
+    base = model(idx).logits
+    apply_learned_masks(model, initial_sparsity=0.0)
+    assert all(m.scores.dtype == dtype and bool(m.mask().all()) for m in model.modules() if isinstance(m, MaskedLinear))
+    assert torch.equal(model(idx).logits, base)
+
+
+def test_errors(refuses):
+    refuses(tiny(), lambda m: apply_learned_masks(m, initial_sparsity=1.0), "initial_sparsity")
+    refuses(tiny(), lambda m: apply_learned_masks(m, targets=["q_proj"]), "unknown target module 'q_proj'")
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         MaskedLinear(torch.nn.Conv1d(2, 2, 1))

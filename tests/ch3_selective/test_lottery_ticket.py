@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from chapters.ch3_selective.lottery_ticket import (
     apply_lottery_ticket,
+    count_lottery_ticket,
     find_ticket,
     full_masks,
     prunable_names,
@@ -65,6 +66,8 @@ def test_sparsity_after_n_rounds_and_pruned_weights_stay_zero(per_layer):
             assert int(m.sum()) == alive, n  # exactly (1 - p)^n up to per-round rounding
     assert [h["remaining"] for h in ticket.history] == pytest.approx([(1 - p) ** r for r in range(rounds)], abs=1e-3)
     hooks = apply_lottery_ticket(model, ticket.masks)
+    assert hooks.n_trainable == count_lottery_ticket(CFG, ticket.masks)  # survivors + everything unpruned
+    assert hooks.n_trainable == CFG.n_params() - sum(int((~m).sum()) for m in ticket.masks.values())
     train(model, source(), cfg, hooks)
     params = dict(model.named_parameters())
     for n, m in ticket.masks.items():
@@ -123,13 +126,13 @@ def test_ticket_vs_random_trains_both_and_reports():
     assert out["ticket"] < start - 0.1  # the ticket learns
 
 
-def test_errors():
+def test_errors(refuses):
     model = tiny()
+    refuses(model, lambda m: apply_lottery_ticket(m, {"h.0.nope": torch.ones(2, dtype=torch.bool)}),
+            "unknown parameters")
     with pytest.raises(ValueError, match="p \\(the fraction"):
         prune_step(model, full_masks(model), 1.0)
     with pytest.raises(ValueError, match="rounds"):
         find_ticket(model, source(), CONSTANT, rounds=0)
     with pytest.raises(ValueError, match="rewind_step"):
         find_ticket(model, source(), CONSTANT, rounds=1, rewind_step=99)
-    with pytest.raises(ValueError, match="unknown parameters"):
-        apply_lottery_ticket(model, {"h.0.nope": torch.ones(2, dtype=torch.bool)})

@@ -7,19 +7,20 @@ from chapters.ch3_selective.lt_sft import (
     batch_source,
     compare_composition,
     compose,
+    count_lt_sft,
     find_mask,
+    full_finetune,
     l1_pull,
     maskable_names,
     read_state,
 )
 from minimal.data import Example, Task
 from minimal.gpt import GPT, GPTConfig
-from minimal.peft import count_trainable
+from minimal.peft import count_trainable, trainable_names
 from minimal.sparse import delta_masks, mask_count, merge_sparse_deltas
 from minimal.train import TrainConfig, train
 
 CFG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
-PHASE1 = TrainConfig(steps=4, lr=1e-2, warmup=0, log_every=0)
 
 
 def tiny() -> GPT:
@@ -50,7 +51,7 @@ def test_selection_is_the_top_k_change_and_the_model_is_rewound_bitwise():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     k = 500
-    phase1 = find_mask(model, source(), k, PHASE1)
+    phase1 = find_mask(model, source(), k, steps=4, lr=1e-2)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n  # rewound: theta0 everywhere, bitwise
         assert p.requires_grad == flags[n]
@@ -70,7 +71,7 @@ def test_phase2_trains_exactly_k_entries_and_nothing_outside_the_mask_changes():
     fraction = 0.01
     apply_lt_sft(model, source(), fraction=fraction, full_steps=4, full_lr=1e-2)
     k = int(fraction * CFG.n_params())
-    assert count_trainable(model).trainable == k == mask_count(delta_masks(model))
+    assert count_trainable(model).trainable == k == mask_count(delta_masks(model)) == count_lt_sft(CFG, fraction)
     assert torch.equal(model(source()(None)[0]).logits, tiny()(source()(None)[0]).logits)  # rewound: theta0
     res = train(model, source(), TrainConfig(steps=12, lr=3e-2, warmup=0, log_every=0))
     assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.05
@@ -154,15 +155,36 @@ def test_l1_pull_equals_the_hand_computed_value():
     assert hooks.extra_loss(model2).item() == 0.0  # at theta0 the pull is zero
 
 
-def test_batch_source_and_errors():
+def test_phase1_loop_is_the_shared_loop_with_its_defaults():
+    ours, shared = tiny(), tiny()
+    losses = full_finetune(ours, source(), steps=5, lr=1e-2, seed=3)
+    res = train(shared, source(), TrainConfig(steps=5, lr=1e-2, warmup=0, seed=3, log_every=0, progress=False))
+    assert losses == [h["loss"] for h in res.history]
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), shared.parameters(), strict=True))
+
+
+def test_stacked_on_another_method_leaves_its_parameters_alone():
+    model = tiny()
+    model.peft_methods_applied = 1  # as if a first method had trained ln_f and wpe
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(("ln_f.", "wpe.")))
+    first = set(trainable_names(model))
+    apply_lt_sft(model, source(), fraction=0.01, full_steps=2)
+    assert first <= set(trainable_names(model)) and not first & set(delta_masks(model))
+
+
+def test_batch_source_and_errors(refuses):
     task = Task("t", "classify", {"train": [Example(f"item {i}", "yes") for i in range(5)], "val": [], "test": []})
     idx, labels = batch_source(task, 32, 4)(torch.Generator().manual_seed(0))
     assert idx.shape[0] == 4 and labels.shape == idx.shape
     with pytest.raises(TypeError, match="Task or a get_batch"):
         batch_source([1, 2], 32, 4)
     model = tiny()
-    with pytest.raises(ValueError, match="maskable"):
-        apply_lt_sft(model, source(), fraction=0.99, full_steps=1)
+    refuses(model, lambda m: apply_lt_sft(m, source(), fraction=0.99, full_steps=1), "maskable")
+    refuses(model, lambda m: apply_lt_sft(m, source(), fraction=0.01, full_steps=0), "full_steps")
+    refuses(model, lambda m: apply_lt_sft(m, [1, 2], fraction=0.01, full_steps=1), "get_batch", TypeError)
+    refuses(model, lambda m: apply_lt_sft(m, source(), fraction=0.01, full_steps=2, full_lr=1e9),
+            "non-finite|loss became", FloatingPointError)  # phase 1 diverges: rewound, flags restored
     a, _ = diffs()
     bad = SparseDiff(a.index, a.values, {**a.shapes, "wpe.weight": torch.Size([2, 2])})
     with pytest.raises(ValueError, match="shape"):
@@ -174,5 +196,4 @@ def test_batch_source_and_errors():
     with pytest.raises(ValueError, match="at least one"):
         compose(model)
     apply_lt_sft(model, source(), fraction=0.01, full_steps=1)
-    with pytest.raises(ValueError, match="already has sparse deltas"):
-        apply_lt_sft(model, source(), fraction=0.01, full_steps=1)
+    refuses(model, lambda m: apply_lt_sft(m, source(), fraction=0.01, full_steps=1), "already has sparse deltas")

@@ -5,6 +5,8 @@ from chapters.ch3_selective.pafi_hiwi import (
     WeightAdapter,
     apply_hiwi,
     apply_pafi,
+    count_hiwi,
+    count_pafi,
     hiwi_tensors,
     merge_hiwi,
     pafi_eligible,
@@ -87,7 +89,7 @@ def test_pafi_one_mask_for_every_task_count_learns_and_keeps_the_rest_bitwise():
     apply_pafi(a, 0.01)
     apply_pafi(b, 0.01)
     k = int(0.01 * CFG.n_params())
-    assert count_trainable(a).trainable == k
+    assert count_trainable(a).trainable == k == count_pafi(CFG, 0.01)
     res = run(a, seed=1)
     run(b, seed=2)  # another "task"
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -113,29 +115,23 @@ def test_pafi_merges_to_the_base_architecture_with_equal_outputs():
     assert torch.equal(plain(idx).logits, model(idx).logits)
 
 
-def test_pafi_errors():
+def test_pafi_errors(refuses):
     model = tiny()
-    with pytest.raises(ValueError, match="eligible"):
-        pafi_mask(model, 0.9)
-    with pytest.raises(ValueError, match="fraction"):
-        pafi_mask(model, 0.0)
+    refuses(model, lambda m: apply_pafi(m, 0.9), "eligible")
+    refuses(model, lambda m: apply_pafi(m, 0.0), "fraction")
     apply_pafi(model, 0.01)
-    with pytest.raises(ValueError, match="already has sparse deltas"):
-        apply_pafi(model, 0.01)
+    refuses(model, lambda m: apply_pafi(m, 0.01), "already has sparse deltas")
 
 
 # ------------------------------------------------------------------------------------------ HiWi
 
 
-def test_hiwi_identity_at_init_and_trainable_count():
+def test_hiwi_trains_only_its_adapters_and_counts_them():  # identity at init: tests/test_contract.py
     model = tiny()
-    idx, _ = batch()
-    base = model(idx).logits
     r = 4
     apply_hiwi(model, r=r)
-    assert torch.equal(model(idx).logits, base)
     n = 4 * D  # mlp.c_fc.bias
-    assert count_trainable(model).trainable == L * (2 * r * n + r + n)
+    assert count_trainable(model).trainable == L * (2 * r * n + r + n) == count_hiwi(CFG, r)
     assert all(("adapter" in name or "parametrizations" in name) and "original" not in name
                for name, p in model.named_parameters() if p.requires_grad)
 
@@ -161,6 +157,7 @@ def test_hiwi_learns_through_the_adapter_and_base_tensors_stay_frozen():
 def test_hiwi_merges_to_the_base_architecture_with_equal_outputs(tensors, axis):
     model = tiny()
     apply_hiwi(model, r=4, tensors=tensors, axis=axis)
+    assert count_trainable(model).trainable == count_hiwi(CFG, 4, tensors, axis)
     run(model, steps=5)
     idx, _ = batch()
     model.eval()
@@ -185,21 +182,23 @@ def test_weight_adapter_row_and_column_lengths():
     assert torch.allclose(col(w), expected)
 
 
-def test_hiwi_errors():
+def test_hiwi_errors(refuses):
     model = tiny()
-    with pytest.raises(ValueError, match="bottleneck r"):
-        apply_hiwi(model, r=0)
-    with pytest.raises(ValueError, match="bottleneck r"):
-        apply_hiwi(model, r=D + 1, tensors=("mlp.c_fc.weight",))  # rows have length d
-    with pytest.raises(ValueError, match="unknown HiWi tensors"):
-        apply_hiwi(model, tensors=("attn.c_attn.bias",))
-    with pytest.raises(TypeError, match="tuple"):
-        apply_hiwi(model, tensors="mlp.c_fc.bias")
-    with pytest.raises(ValueError, match="axis"):
-        apply_hiwi(model, tensors=("mlp.c_fc.weight",), axis="diag")
+    refuses(model, lambda m: apply_hiwi(m, r=0), "bottleneck r")
+    refuses(model, lambda m: apply_hiwi(m, r=D + 1, tensors=("mlp.c_fc.weight",)), "bottleneck r")  # rows: length d
+    refuses(model, lambda m: apply_hiwi(m, tensors=("attn.c_attn.bias",)), "unknown HiWi tensors")
+    refuses(model, lambda m: apply_hiwi(m, tensors="mlp.c_fc.bias"), "tuple", TypeError)
+    refuses(model, lambda m: apply_hiwi(m, tensors=("mlp.c_fc.weight",), axis="diag"), "axis")
     nobias = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=False))
-    with pytest.raises(ValueError, match="without biases"):
-        apply_hiwi(nobias)
+    refuses(nobias, apply_hiwi, "without biases")
     apply_hiwi(model, r=4)
-    with pytest.raises(ValueError, match="already has HiWi"):
-        apply_hiwi(model, r=4)
+    refuses(model, lambda m: apply_hiwi(m, r=4), "already has HiWi")
+
+
+def test_pafi_then_hiwi_stack_and_keep_the_first_trainables():
+    model = tiny()
+    apply_pafi(model, 0.01)
+    first = {n for n, p in model.named_parameters() if p.requires_grad}
+    apply_hiwi(model, r=4)
+    now = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert first <= now and count_trainable(model).trainable == count_pafi(CFG, 0.01) + count_hiwi(CFG, 4)

@@ -4,16 +4,18 @@ import pytest
 import torch
 import torch.nn as nn
 
+from chapters.ch3_selective.freeze_layers import apply_freeze_layers
 from chapters.ch3_selective.sam import (
     accumulated_gradient,
     apply_sam,
     burn_in_batches,
+    count_sam,
     sam_mask,
     second_order_scores,
 )
 from minimal.data import Example, Task
 from minimal.gpt import GPT
-from minimal.peft import count_trainable
+from minimal.peft import count_trainable, trainable_names
 from minimal.sparse import delta_masks, mask_count
 from minimal.train import TrainConfig, train
 from tests.helpers import effective_params, masked_batches, tiny_config, tiny_gpt
@@ -127,7 +129,7 @@ def test_mask_is_per_tensor_top_of_abs_gradient_with_the_exact_budget():
             assert G[n].abs()[m].min() >= G[n].abs()[~m].max()
     apply_sam(model, batches, fraction=rho)
     expected = sum(int(rho * p.numel()) for n, p in tiny().named_parameters() if n != "wte.weight")
-    assert count_trainable(model).trainable == expected == mask_count(delta_masks(model))
+    assert count_trainable(model).trainable == expected == mask_count(delta_masks(model)) == count_sam(CFG, rho)
     assert all(torch.equal(delta_masks(model)[n], mask[n]) for n in delta_masks(model))
     assert "wte.weight" not in delta_masks(model)
 
@@ -159,9 +161,16 @@ def test_grad_mask_implementation_uses_the_same_mask():
     a, b = tiny(), tiny()
     apply_sam(a, batches, fraction=0.05)
     hooks = apply_sam(b, batches, fraction=0.05, implementation="grad_mask")
-    assert hooks.after_backward is not None
     trainable = {n for n, p in b.named_parameters() if p.requires_grad}
     assert trainable == set(delta_masks(a))
+    assert hooks.n_trainable == count_trainable(a).trainable == count_sam(CFG, 0.05)  # the masked entries only
+
+
+def test_global_budget_count_matches_the_formula():
+    model = tiny()
+    apply_sam(model, masked_batches(2), fraction=0.05, per_tensor=False, exclude=("wte.weight", "wpe.weight"))
+    assert count_trainable(model).trainable == count_sam(CFG, 0.05, per_tensor=False,
+                                                         exclude=("wte.weight", "wpe.weight"))
 
 
 def test_burn_in_batches_from_a_task_are_deterministic():
@@ -171,13 +180,13 @@ def test_burn_in_batches_from_a_task_are_deterministic():
     assert len(one) == 3 and all(torch.equal(x[0], y[0]) for x, y in zip(one, two))
 
 
-def test_errors():
+def test_errors(refuses):
     model = tiny()
     batches = masked_batches(1)
-    with pytest.raises(ValueError, match="implementation"):
-        apply_sam(model, batches, implementation="dense")
-    with pytest.raises(ValueError, match="exclude"):
-        apply_sam(model, batches, exclude=("lm_head.weight",))
+    refuses(model, lambda m: apply_sam(m, batches, implementation="dense"), "implementation")
+    refuses(model, lambda m: apply_sam(m, batches, exclude=("lm_head.weight",)), "exclude")
+    refuses(model, lambda m: apply_sam(m, batches, fraction=1e-6), "selects no entry")
+    refuses(model, lambda m: apply_sam(m, batches, n_batches=0), "n_batches")
     with pytest.raises(ValueError, match="fraction"):
         sam_mask({"a": torch.ones(3)}, fraction=1.5)
     with pytest.raises(ValueError, match="selects no entry"):
@@ -187,8 +196,7 @@ def test_errors():
     with pytest.raises(ValueError, match="positive"):
         second_order_scores({"a": torch.ones(2)}, {"a": torch.tensor([1.0, 0.0])})
     apply_sam(model, batches, fraction=0.05)
-    with pytest.raises(ValueError, match="already has sparse deltas"):
-        apply_sam(model, batches, fraction=0.05)
+    refuses(model, lambda m: apply_sam(m, batches, fraction=0.05), "already has sparse deltas")
 
 
 def test_grad_mask_training_moves_exactly_the_selected_entries():
@@ -206,3 +214,12 @@ def test_grad_mask_training_moves_exactly_the_selected_entries():
         assert torch.equal(params[n][~m], before[n][~m]), n
     moved = sum(int((params[n][m] != before[n][m]).sum()) for n, m in mask.items())
     assert moved > 0.9 * sum(int(m.sum()) for m in mask.values())
+
+
+def test_stacked_on_another_method_leaves_its_parameters_alone():
+    model = tiny()
+    apply_freeze_layers(model, k=1)  # a first method: the top block and ln_f train
+    first = set(trainable_names(model))
+    apply_sam(model, masked_batches(2), fraction=0.05)
+    assert first <= set(trainable_names(model))  # still trained, densely, by the first method
+    assert not first & set(delta_masks(model))  # and neither scored nor masked by SAM

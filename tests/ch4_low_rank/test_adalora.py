@@ -1,5 +1,7 @@
-"""AdaLoRA: identity at init, trainable set, SVD-form update, regulariser, EMA importance, budget schedule,
-masking of the lowest scores, the budget reached on schedule in a real training run, errors."""
+"""AdaLoRA (identity at init, frozen entries and merging: tests/test_contract.py): init values, trainable set
+and its formula, SVD-form update, regulariser, EMA importance, budget schedule (steps or fractions of the run),
+masking of the lowest scores, the budget reached on schedule in a real training run, errors that leave the model
+unchanged."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from chapters.ch4_low_rank.adalora import (
     SVDLinear,
     apply_adalora,
     budget_schedule,
+    count_adalora,
     orthogonality_penalty,
 )
-from minimal.peft import count_trainable, merge_all, unmerge_all
+from minimal.peft import count_trainable
 from minimal.train import TrainConfig, train
 from tests.helpers import tiny_config, tiny_gpt, token_batch
 
@@ -26,11 +29,25 @@ def layers_of(model: nn.Module) -> dict[str, SVDLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
 
 
-def test_identity_at_init_and_init_values() -> None:
-    model, idx = tiny_gpt(), token_batch()
-    ref = model(idx).logits
-    apply_adalora(model, total_steps=10, init_r=6, target_r=2, targets=("c_attn", "c_fc"))
-    assert torch.equal(model(idx).logits, ref)  # E = 0 exactly
+def run(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=8, warmup=0, progress=False, log_every=0, **kw)
+
+
+def model_state(model: nn.Module) -> tuple:
+    """(module classes, requires_grad flags, parameter values): what a failed apply must leave as it was."""
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return modules, flags, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_unchanged(before: tuple, model: nn.Module) -> None:
+    after = model_state(model)
+    assert before[:2] == after[:2] and all(torch.equal(before[2][n], after[2][n]) for n in before[2])
+
+
+def test_init_values() -> None:
+    model = tiny_gpt()
+    apply_adalora(model, init_r=6, target_r=2, targets=("c_attn", "c_fc"))
     layer = model.h[0].attn.c_attn
     assert layer.A.shape == (6, 64) and layer.E.shape == (6,) and layer.B.shape == (192, 6)
     assert torch.count_nonzero(layer.E) == 0 and layer.rank() == 0
@@ -40,15 +57,18 @@ def test_identity_at_init_and_init_values() -> None:
 
 def test_trainable_count_is_formula_and_only_A_E_B_train() -> None:
     model = tiny_gpt()
-    apply_adalora(model, total_steps=10, init_r=6, target_r=2, targets=("c_attn", "c_proj"))
+    apply_adalora(model, init_r=6, target_r=2, targets=("c_attn", "c_proj"))
     d, r, L = 64, 6, CFG.n_layer
     per_block = (r * (d + 3 * d) + r) + (r * (d + d) + r) + (r * (4 * d + d) + r)  # c_attn, attn/mlp c_proj
-    assert count_trainable(model).trainable == L * per_block
+    assert count_trainable(model).trainable == L * per_block == count_adalora(CFG, 6, ("c_attn", "c_proj"))
+    other = tiny_gpt()
+    apply_adalora(other, init_r=3, target_r=1, targets=r"h\.1\.mlp\..*")  # a regular expression: 2 layers
+    assert count_trainable(other).trainable == count_adalora(CFG, init_r=3, targets=r"h\.1\.mlp\..*")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.endswith((".A", ".E", ".B")) for n in names) and len(names) == 3 * 3 * L
 
 
-def test_dense_equivalence_and_merge() -> None:
+def test_dense_equivalence_and_masked_singular_values() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(32, 48)
     layer = SVDLinear(lin, r=5, alpha=10)
@@ -61,13 +81,6 @@ def test_dense_equivalence_and_merge() -> None:
         layer.E[[1, 3]] = 0.0
     assert layer.rank() == 3
     assert torch.linalg.matrix_rank(layer.delta_weight()).item() == 3  # a zero singular value removes a rank
-    before, w0 = layer(x), lin.weight.clone()
-    layer.merge()
-    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="already merged"):
-        layer.merge()
-    layer.unmerge()
-    torch.testing.assert_close(lin.weight, w0, atol=1e-6, rtol=0)
 
 
 def test_orthogonality_penalty_zero_for_orthonormal_and_decreases() -> None:
@@ -106,14 +119,14 @@ def test_budget_schedule_values() -> None:
     values = [budget_schedule(t, b0, bT, T, ti, tf)[0] for t in range(T + 1)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # non-increasing
     assert budget_schedule(ti + 1, b0, bT, T, ti, tf)[0] < b0  # decreasing starts right after t_init
-    masks = [budget_schedule(t, b0, bT, T, ti, tf, delta_t=10)[1] for t in range(ti + 1, T - tf)]
+    masks = [budget_schedule(t, b0, bT, T, ti, tf, period=10)[1] for t in range(ti + 1, T - tf)]
     assert masks == [t % 10 == 0 for t in range(ti + 1, T - tf)]
 
 
 def test_ema_importance_on_hand_computed_sequence() -> None:
     torch.manual_seed(0)
     layer = SVDLinear(nn.Linear(3, 2), r=1)
-    alloc = RankAllocator({"l": layer}, target_r=1, total_steps=10, beta1=0.5, beta2=0.5)
+    alloc = RankAllocator({"l": layer}, target_r=1, beta1=0.5, beta2=0.5)
     with torch.no_grad():
         layer.A.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
         layer.E.fill_(2.0)
@@ -142,8 +155,7 @@ def test_ema_importance_on_hand_computed_sequence() -> None:
 
 def test_mask_removes_exactly_the_lowest_scores() -> None:
     model = tiny_gpt()
-    hooks = apply_adalora(model, total_steps=10, init_r=6, target_r=2, targets=("c_attn", "c_fc"))
-    alloc = hooks.step_end.__self__
+    alloc = apply_adalora(model, init_r=6, target_r=2, targets=("c_attn", "c_fc"))
     with torch.no_grad():
         for layer in layers_of(model).values():
             layer.E.normal_()
@@ -165,20 +177,17 @@ def test_mask_removes_exactly_the_lowest_scores() -> None:
 def test_allocator_reaches_target_budget_on_schedule() -> None:
     model, idx = tiny_gpt(), token_batch(b=8)
     T, ti, tf, dt = 30, 4, 8, 2
-    hooks = apply_adalora(model, total_steps=T, init_r=6, target_r=2, targets=("c_attn", "c_fc"), t_init=ti,
-                          t_final=tf, delta_t=dt)
-    alloc = hooks.step_end.__self__
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    alloc = apply_adalora(model, init_r=6, target_r=2, targets=("c_attn", "c_fc"), t_init=ti, t_final=tf, period=dt)
     record = []
+    inner = alloc.step_end
 
     def step_end(m: nn.Module, step: int, opt: torch.optim.Optimizer) -> None:
-        alloc.step_end(m, step, opt)
+        inner(m, step, opt)
         record.append((step + 1, alloc.budget, sum(layer.rank() for layer in alloc.layers.values()),
                        {n: (layer.E != 0).clone() for n, layer in alloc.layers.items()}, len(alloc.ipt_avg)))
 
-    hooks.step_end = step_end
-    cfg = TrainConfig(steps=T, batch_size=8, lr=1e-2, warmup=0, progress=False, log_every=0)
-    train(model, lambda gen: (idx, idx), cfg, hooks)
+    alloc.step_end = step_end
+    train(model, lambda gen: (idx, idx), run(T, lr=1e-2), alloc)
     assert alloc.init_budget == 24 and alloc.target_budget == 8
     for t, budget, nonzero, _, _ in record:
         if t <= ti:
@@ -192,44 +201,57 @@ def test_allocator_reaches_target_budget_on_schedule() -> None:
     assert all(r[4] == 0 for r in final)  # importance reset, no longer updated
     assert sum(layer.rank() for layer in alloc.layers.values()) == 8
     assert alloc.rank_pattern() == {n: int(m.sum()) for n, m in final[0][3].items()}
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert torch.equal(p, frozen[n]), n
 
 
-def test_learns_and_merges() -> None:
+def test_learns() -> None:
     model, idx = tiny_gpt(), token_batch(b=8)
-    hooks = apply_adalora(model, total_steps=40, init_r=8, target_r=4, targets=("c_attn", "c_fc"), t_init=5,
-                          t_final=10)
+    alloc = apply_adalora(model, init_r=8, target_r=4, targets=("c_attn", "c_fc"), t_init=5, t_final=10)
     before = model(idx, labels=idx).loss.item()
-    cfg = TrainConfig(steps=40, batch_size=8, lr=3e-2, warmup=0, progress=False, log_every=0)
-    train(model, lambda gen: (idx, idx), cfg, hooks)
+    train(model, lambda gen: (idx, idx), run(40, lr=3e-2), alloc)
     after = model(idx, labels=idx).loss.item()
     assert after < before - 0.3, (before, after)
-    logits = model(idx).logits
-    merge_all(model)
-    torch.testing.assert_close(model(idx).logits, logits, atol=1e-5, rtol=1e-5)
-    unmerge_all(model)
 
 
-def test_bad_input_errors() -> None:
-    with pytest.raises(ValueError, match="unknown target module 'q_proj'"):
-        apply_adalora(tiny_gpt(), total_steps=10, targets=["q_proj"])
-    with pytest.raises(ValueError, match=r"rank r=65 must be in \[1, 64\]"):
-        apply_adalora(tiny_gpt(), total_steps=10, init_r=65, target_r=8)
-    with pytest.raises(ValueError, match="init_r must be a positive int"):
-        apply_adalora(tiny_gpt(), total_steps=10, init_r=0)
-    with pytest.raises(ValueError, match="target_r must be an int in"):
-        apply_adalora(tiny_gpt(), total_steps=10, init_r=4, target_r=5)
-    with pytest.raises(ValueError, match="total_steps must be a positive int"):
-        apply_adalora(tiny_gpt(), total_steps=0)
-    with pytest.raises(ValueError, match="leave no budget phase"):
-        apply_adalora(tiny_gpt(), total_steps=10, t_init=5, t_final=5)
-    with pytest.raises(ValueError, match="beta1 and beta2"):
-        apply_adalora(tiny_gpt(), total_steps=10, beta1=1.0)
-    with pytest.raises(ValueError, match="orth_reg must be"):
-        apply_adalora(tiny_gpt(), total_steps=10, orth_reg="l2")
+def test_schedule_as_fractions_of_the_run_resolves_in_setup() -> None:
     model = tiny_gpt()
-    hooks = apply_adalora(model, total_steps=10, init_r=4, target_r=2)
+    alloc = apply_adalora(model, init_r=4, target_r=2, t_init=0.1, t_final=0.3, period=5)  # the registry's
+    with pytest.raises(RuntimeError, match="setup"):
+        alloc.budget_at(1)  # the run length is not known before setup
+    for steps in (2, 10, 80, 150, 151, 999):
+        alloc.setup(model, run(steps), None)
+        assert (alloc.total_steps, alloc.t_init, alloc.t_final) == (steps, steps // 10, 3 * steps // 10)
+    alloc = apply_adalora(tiny_gpt(), init_r=4, target_r=2, t_init=3, t_final=0.5)  # steps and a fraction
+    alloc.setup(model, run(20), None)
+    assert (alloc.t_init, alloc.t_final) == (3, 10)
+    with pytest.raises(ValueError, match="leave no budget phase in a run of 6 steps"):
+        alloc.setup(model, run(6), None)  # 3 + 3 steps
+
+
+def test_bad_input_errors_leave_the_model_unchanged() -> None:
+    bad = [
+        ({"targets": ["q_proj"]}, "unknown target module 'q_proj'"),
+        ({"init_r": 65, "target_r": 8}, r"rank r=65 must be in \[1, 64\]"),
+        ({"init_r": 0}, "init_r must be a positive int"),
+        ({"init_r": 4, "target_r": 5}, "target_r must be an int in"),
+        ({"t_init": 1.5}, r"must be in \[0, 1\)"),
+        ({"t_init": -1}, "t_init must be >= 0"),
+        ({"t_init": 0.6, "t_final": 0.5}, "sum must be below 1"),
+        ({"period": 0}, "period must be a positive int"),
+        ({"beta1": 1.0}, "beta1 and beta2"),
+        ({"orth_reg": "l2"}, "orth_reg must be"),
+        ({"alpha": 0.0}, "alpha must be positive"),
+        ({"dropout": 1.0}, "dropout must be in"),
+    ]
+    for kwargs, match in bad:
+        model = tiny_gpt()
+        before = model_state(model)
+        with pytest.raises(ValueError, match=match):
+            apply_adalora(model, **kwargs)
+        assert_unchanged(before, model)
+    model = tiny_gpt()
+    alloc = apply_adalora(model, init_r=4, target_r=2, t_init=5, t_final=5)
+    with pytest.raises(ValueError, match="leave no budget phase"):
+        train(model, lambda gen: (token_batch(), token_batch()), run(10), alloc)  # checked once the run is known
+    alloc.setup(model, run(20), None)
     with pytest.raises(ValueError, match="no gradient"):
-        hooks.after_backward(model, 0)
+        alloc.after_backward(model, 0)

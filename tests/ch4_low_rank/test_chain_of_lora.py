@@ -1,13 +1,15 @@
-"""Chain of LoRA: function kept at every knot, fresh optimizer state, W_final = W0 + sum of links, M=1 is LoRA."""
+"""Chain of LoRA: function kept at every knot, fresh optimizer state, W_final = W0 + sum of links, M=1 is LoRA,
+the trainable count and its formula, errors that leave the model unchanged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from chapters.ch4_low_rank.chain_of_lora import apply_chain_of_lora, knot_steps, tie_knot
+from chapters.ch4_low_rank.chain_of_lora import apply_chain_of_lora, count_chain_of_lora, knot_steps, tie_knot
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora
 from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable
 from minimal.train import TrainConfig, train
 from tests.helpers import tiny_gpt, token_batch
 
@@ -92,12 +94,27 @@ def test_tie_knot_directly_and_errors() -> None:
     before = model(IDX).logits
     assert tie_knot(model) == 4
     torch.testing.assert_close(model(IDX).logits, before, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="links"):
-        apply_chain_of_lora(tiny_gpt(), links=0)
-    with pytest.raises(ValueError, match="link_warmup"):
-        apply_chain_of_lora(tiny_gpt(), link_warmup=-1)
+    for kwargs, match in (({"links": 0}, "links"), ({"link_warmup": -1}, "link_warmup"), ({"r": 65}, "rank"),
+                          ({"targets": ["q_proj"]}, "unknown target module")):
+        model = tiny_gpt()
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        values = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=match):
+            apply_chain_of_lora(model, **kwargs)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())  # the model is as it was
+        assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+        assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
     model = tiny_gpt()
     hooks = apply_chain_of_lora(model, links=3, link_warmup=4)
+    with pytest.raises(RuntimeError, match="setup"):
+        hooks.step_end(model, 0, None)
     with pytest.raises(ValueError, match="shorter than a link"):
-        train(model, lambda g: (IDX, IDX), run_cfg(10), hooks)
+        train(model, lambda g: (IDX, IDX), run_cfg(10), hooks)  # checked in setup, once the run length is known
     assert knot_steps(2, 3) == [1]  # a run shorter than the chain: one link per step
+
+
+def test_trainable_count_formula() -> None:
+    for kw in ({}, {"r": 3, "targets": ("c_attn", "c_proj")}, {"r": 2, "targets": r"h\.0\.mlp\.c_fc"}):
+        model = tiny_gpt()
+        apply_chain_of_lora(model, **kw)
+        assert count_trainable(model).trainable == count_chain_of_lora(CFG, **kw)

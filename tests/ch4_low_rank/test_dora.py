@@ -1,4 +1,6 @@
-"""DoRA: identity at init, count, frozen base, the norm axis, the detached norm, merge/unmerge, learning."""
+"""DoRA: m starts at the row norms, count, the norm axis, the detached norm, the non-additive merge/unmerge, unload,
+refused applies, learning. (Identity at init, frozen entries and merge equivalence of the registered setting are
+checked for every method in tests/test_contract.py.)"""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chapters.ch4_low_rank.dora import DoRALinear, apply_dora
-from minimal.peft import count_trainable, merge_all, unload
+from chapters.ch4_low_rank.dora import DoRALinear, apply_dora, count_dora
+from minimal.peft import count_trainable, unload
 from minimal.train import TrainConfig, train
+from tests.ch4_low_rank.refuse import assert_refuses
 from tests.helpers import adamw_steps, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
@@ -25,11 +28,9 @@ def trained_layer(detach_norm: bool = True, seed: int = 0) -> DoRALinear:
     return layer
 
 
-def test_identity_at_init() -> None:
-    model, idx = tiny_gpt(), token_batch()
-    ref = model(idx).logits
+def test_magnitude_starts_at_the_row_norms() -> None:
+    model = tiny_gpt()
     apply_dora(model, r=4, alpha=8, targets=("c_attn", "c_proj"))
-    torch.testing.assert_close(model(idx).logits, ref, atol=1e-6, rtol=0)
     layer = model.h[0].attn.c_attn
     torch.testing.assert_close(layer.m, layer.base.weight.norm(dim=1))
 
@@ -39,7 +40,7 @@ def test_trainable_count_and_set() -> None:
     apply_dora(model, r=4, targets=("c_attn", "c_fc"))
     d, r = CFG.n_embd, 4
     per_block = (r * (d + 3 * d) + 3 * d) + (r * (d + 4 * d) + 4 * d)  # r(in + out) + out for each layer
-    assert count_trainable(model).trainable == CFG.n_layer * per_block
+    assert count_trainable(model).trainable == CFG.n_layer * per_block == count_dora(CFG, 4, ("c_attn", "c_fc"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert len(names) == 3 * 2 * CFG.n_layer and all(n.endswith((".A", ".B", ".m")) for n in names)
 
@@ -149,17 +150,11 @@ def test_merge_unmerge(detach_norm: bool) -> None:
         layer.unmerge()
 
 
-def test_model_merge_and_unload() -> None:
+def test_model_unload() -> None:
     model, idx = tiny_gpt(), token_batch()
     apply_dora(model, r=4, targets=("c_attn", "c_fc"))
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adamw_steps(model, idx, steps=3, lr=1e-2)
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert torch.equal(p, frozen[n]) and p.grad is None, n
     adapted = model(idx).logits
-    assert merge_all(model) == 2 * CFG.n_layer
-    torch.testing.assert_close(model(idx).logits, adapted, atol=1e-5, rtol=1e-5)
     unload(model)
     assert not any(isinstance(m, DoRALinear) for m in model.modules())
     assert isinstance(model.h[0].attn.c_attn, nn.Linear)
@@ -167,12 +162,9 @@ def test_model_merge_and_unload() -> None:
 
 
 def test_bad_input_errors() -> None:
-    with pytest.raises(ValueError, match="rank r=0"):
-        apply_dora(tiny_gpt(), r=0)
-    with pytest.raises(ValueError, match="rank r=100"):
-        apply_dora(tiny_gpt(), r=100)
-    with pytest.raises(ValueError, match="unknown target module 'v_proj'"):
-        apply_dora(tiny_gpt(), targets=["v_proj"])
+    assert_refuses(tiny_gpt(), lambda m: apply_dora(m, r=0), "rank r=0")
+    assert_refuses(tiny_gpt(), lambda m: apply_dora(m, r=100, targets=("c_attn", "c_fc")), "rank r=100")
+    assert_refuses(tiny_gpt(), lambda m: apply_dora(m, targets=["v_proj"]), "unknown target module 'v_proj'")
 
 
 def test_learns() -> None:

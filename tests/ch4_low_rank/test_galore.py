@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from chapters.ch4_low_rank.galore import (
+    GaLore,
     GaLoreAdamW,
     adam_state_numel,
     apply_galore,
+    count_galore,
     galore_state_numel,
     optimizer_state_bytes,
 )
+from chapters.ch4_low_rank.lora import apply_lora
+from minimal.peft import count_trainable
 from minimal.train import TrainConfig, default_optimizer, train
+from tests.ch4_low_rank.refuse import assert_refuses
 from tests.helpers import tiny_config, tiny_gpt
 
 CFG = tiny_config()
@@ -21,7 +26,7 @@ CFG = tiny_config()
 class IdentityGaLore(GaLoreAdamW):
     """The projector is the identity on the short side: with full rank and alpha=1 this must be Adam."""
 
-    def compute_projector(self, grad: torch.Tensor, rank: int) -> tuple[str, torch.Tensor]:
+    def compute_projector(self, grad: torch.Tensor, r: int) -> tuple[str, torch.Tensor]:
         m, n = grad.shape
         return ("left", torch.eye(m)) if m < n else ("right", torch.eye(n))
 
@@ -38,8 +43,8 @@ def test_identity_projector_full_rank_equals_adam(shape: tuple[int, int]) -> Non
     w, b = torch.randn(shape), torch.randn(shape[0])
     ours = [w.clone().requires_grad_(), b.clone().requires_grad_()]
     ref = [w.clone().requires_grad_(), b.clone().requires_grad_()]
-    opt = IdentityGaLore([{"params": [ours[0]], "rank": min(shape)}, {"params": [ours[1]]}],
-                         lr=1e-2, betas=(0.9, 0.95), alpha=1.0, update_every=2)
+    opt = IdentityGaLore([{"params": [ours[0]], "r": min(shape)}, {"params": [ours[1]]}],
+                         lr=1e-2, betas=(0.9, 0.95), alpha=1.0, period=2)
     adam = torch.optim.Adam(ref, lr=1e-2, betas=(0.9, 0.95))
     for step in range(6):
         random_grads(ours, step)
@@ -56,7 +61,7 @@ def test_svd_projector_is_a_rotation_so_full_rank_galore_is_not_adam() -> None:
     torch.manual_seed(0)
     w = torch.randn(8, 12)
     ours, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
-    opt = GaLoreAdamW([ours], lr=1e-2, rank=8, alpha=1.0)
+    opt = GaLoreAdamW([ours], lr=1e-2, r=8, alpha=1.0)
     adam = torch.optim.Adam([ref], lr=1e-2)
     for step in range(3):
         random_grads([ours], step)
@@ -71,7 +76,7 @@ def test_projector_side_orthonormal_and_update_in_span(shape: tuple[int, int], s
     torch.manual_seed(0)
     w = torch.randn(shape, requires_grad=True)
     before = w.detach().clone()
-    opt = GaLoreAdamW([w], lr=1e-2, rank=3, update_every=10)
+    opt = GaLoreAdamW([w], lr=1e-2, r=3, period=10)
     random_grads([w], 0)
     opt.step()
     state = opt.state[w]
@@ -89,7 +94,7 @@ def test_projector_side_orthonormal_and_update_in_span(shape: tuple[int, int], s
 def test_projector_refreshes_exactly_every_T_steps() -> None:
     torch.manual_seed(0)
     w = torch.randn(8, 12, requires_grad=True)
-    opt = GaLoreAdamW([w], lr=1e-3, rank=2, update_every=3)
+    opt = GaLoreAdamW([w], lr=1e-3, r=2, period=3)
     projectors = []
     for step in range(8):
         random_grads([w], step)
@@ -105,20 +110,20 @@ def test_moments_reused_on_refresh_unless_reset() -> None:
     moments = {}
     for reset in (False, True):
         w = w0.clone().requires_grad_()
-        opt = GaLoreAdamW([w], lr=1e-3, rank=2, update_every=2, reset_on_refresh=reset)
+        opt = GaLoreAdamW([w], lr=1e-3, r=2, period=2, reset_on_refresh=reset)
         for step in range(3):  # step index 2 refreshes the projector
             random_grads([w], step)
             opt.step()
         moments[reset] = opt.state[w]["exp_avg"].clone()
     grad2 = torch.randn(8, 12, generator=torch.Generator().manual_seed(2))
-    P = GaLoreAdamW([torch.zeros(8, 12, requires_grad=True)], rank=2).compute_projector(grad2, 2)[1]
+    P = GaLoreAdamW([torch.zeros(8, 12, requires_grad=True)], r=2).compute_projector(grad2, 2)[1]
     torch.testing.assert_close(moments[True], 0.1 * (P.T @ grad2))  # fresh moment: (1 - b1) R
     assert not torch.allclose(moments[False], moments[True])
 
 
 def test_state_memory_formula_and_smaller_than_adamw() -> None:
     model = tiny_gpt()
-    hooks = apply_galore(model, rank=8, update_every=5)
+    hooks = apply_galore(model, r=8, period=5)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(steps=1, lr=1e-3, warmup=0)
     opt = hooks.make_optimizer(params, cfg)
@@ -142,8 +147,10 @@ def test_state_memory_formula_and_smaller_than_adamw() -> None:
 
 def test_everything_trains_and_it_learns() -> None:
     model = tiny_gpt()
-    hooks = apply_galore(model, rank=8, update_every=10, alpha=0.25)
+    hooks = apply_galore(model, r=8, period=10, alpha=0.25)
+    assert isinstance(hooks, GaLore) and (hooks.r, hooks.period) == (8, 10)
     assert all(p.requires_grad for p in model.parameters())
+    assert count_trainable(model).trainable == count_galore(CFG) == CFG.n_params()
     idx = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
     cfg = TrainConfig(steps=30, batch_size=4, lr=1e-2, warmup=3, progress=False, log_every=0)
     result = train(model, lambda g: (idx, idx), cfg, hooks)
@@ -151,16 +158,15 @@ def test_everything_trains_and_it_learns() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ValueError, match="rank 65 exceeds"):
-        apply_galore(tiny_gpt(), rank=65)
-    with pytest.raises(ValueError, match="positive int"):
-        apply_galore(tiny_gpt(), rank=0)
-    with pytest.raises(ValueError, match="update_every"):
-        apply_galore(tiny_gpt(), update_every=0)
-    with pytest.raises(ValueError, match="unknown target"):
-        apply_galore(tiny_gpt(), targets=("q_proj",))
+    assert_refuses(tiny_gpt(), lambda m: apply_galore(m, r=65), "rank r=65 exceeds")
+    assert_refuses(tiny_gpt(), lambda m: apply_galore(m, r=0), "positive int")
+    assert_refuses(tiny_gpt(), lambda m: apply_galore(m, period=0), "period")
+    assert_refuses(tiny_gpt(), lambda m: apply_galore(m, targets=("q_proj",)), "unknown target")
+    stacked = tiny_gpt()
+    apply_lora(stacked, r=2, targets=("c_fc",))
+    assert_refuses(stacked, apply_galore, "GaLore trains every parameter")
     with pytest.raises(ValueError, match="2-D parameters only"):
-        GaLoreAdamW([torch.zeros(5, requires_grad=True)], rank=2)
+        GaLoreAdamW([torch.zeros(5, requires_grad=True)], r=2)
 
 
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
@@ -170,8 +176,8 @@ def test_alpha_scales_the_update_and_weight_decay_is_decoupled(shape: tuple[int,
     w = torch.randn(shape)
     ours, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
     lr, alpha, wd = 1e-2, 0.25, 0.5
-    opt = IdentityGaLore([{"params": [ours], "rank": min(shape)}], lr=lr, betas=(0.9, 0.95), alpha=alpha,
-                         weight_decay=wd, update_every=2)
+    opt = IdentityGaLore([{"params": [ours], "r": min(shape)}], lr=lr, betas=(0.9, 0.95), alpha=alpha,
+                         weight_decay=wd, period=2)
     adamw = torch.optim.AdamW([ref], lr=lr * alpha, betas=(0.9, 0.95), weight_decay=wd / alpha)
     for step in range(6):
         random_grads([ours], step)

@@ -1,21 +1,28 @@
-"""Intrinsic dimension: Fastfood against its dense matrix, z = 0 is the base, only z (and lam) train, it learns."""
+"""Intrinsic dimension: Fastfood against its dense matrix, z = 0 is the base, the model changed in place (theta0
+kept, frozen), only z (and lam) train, bake, stacking, refused applies, it learns."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from chapters.ch4_low_rank.intrinsic_dimension import (
     DenseProjection,
     FastfoodProjection,
-    SubspaceModel,
     apply_intrinsic_dimension,
+    bake,
+    count_intrinsic_dimension,
     d90,
     fwht,
 )
-from minimal.peft import count_trainable
-from tests.helpers import adam_steps, tiny_gpt, token_batch
+from chapters.ch4_low_rank.lora import apply_lora, count_lora
+from minimal.hooks import Hooks
+from minimal.peft import count_trainable, merge_all, trainable_names
+from tests.ch4_low_rank.refuse import assert_refuses
+from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
+
+CFG = tiny_config()
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -62,24 +69,30 @@ def test_small_tensor_reads_all_of_z() -> None:
 
 
 @pytest.mark.parametrize("projection", ("fastfood", "dense"))
-def test_identity_at_init_count_and_frozen(projection: str) -> None:
-    base, idx = tiny_gpt(), token_batch()
-    ref = base(idx).logits
-    model, hooks = apply_intrinsic_dimension(base, d=40, projection=projection)
+def test_in_place_theta0_kept_count_and_bake(projection: str) -> None:
+    model, idx = tiny_gpt(), token_batch()
+    ref = model(idx).logits
+    hooks = apply_intrinsic_dimension(model, d=40, projection=projection)
+    assert type(hooks) is Hooks
     assert torch.equal(model(idx).logits, ref)  # z = 0
-    assert count_trainable(model).trainable == 40
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["z"]
-    assert sum(b.numel() for b in model.buffers()) > 0 and model.config is base.config
-    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    assert torch.equal(model.wte.parametrizations.weight.original, tiny_gpt().wte.weight)
+    assert count_trainable(model).trainable == 40 == count_intrinsic_dimension(CFG, d=40)
+    assert trainable_names(model) == ["subspace.z"]
+    assert all(parametrize.is_parametrized(m, "weight") for m in (model.wte, model.h[1].mlp.c_fc, model.ln_f))
+    assert not model.h[0].attn.c_attn.parametrizations.weight.original.requires_grad  # theta0, stored as it was
     adam_steps(model, idx, steps=3, lr=0.1)
-    assert model.z.abs().sum() > 0
-    for n, p in base.named_parameters():
-        assert torch.equal(p, frozen[n]) and p.grad is None, n
-    # the trained model is theta0 + P z: load those numbers into a plain GPT and get the same logits
-    plain = tiny_gpt()
-    plain.load_state_dict({k: v.detach() for k, v in model.effective_params().items()}, strict=False)
-    assert torch.allclose(plain(idx).logits, model(idx).logits, atol=1e-5)
-    assert not torch.allclose(plain(idx).logits, ref, atol=1e-4)
+    assert model.subspace.z.abs().sum() > 0
+    # every weight is theta0 + P z, computed on access
+    lin = model.h[0].attn.c_attn
+    theta0, offset = lin.parametrizations.weight.original, lin.parametrizations.weight[0]
+    assert torch.equal(lin.weight, theta0 + offset.projection(model.subspace.z).view_as(theta0))
+    # bake writes theta0 + P z into plain parameters: a plain GPT with the same names and the same logits
+    trained = model(idx).logits
+    bake(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules()) and not hasattr(model, "subspace")
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(n for n, _ in tiny_gpt().named_parameters())
+    assert torch.allclose(model(idx).logits, trained, atol=1e-6)
+    assert not torch.allclose(trained, ref, atol=1e-4)
 
 
 def test_dense_projection_columns() -> None:
@@ -91,32 +104,59 @@ def test_dense_projection_columns() -> None:
 
 
 def test_said_counts_and_reduces_to_did() -> None:
-    base, idx = tiny_gpt(), token_batch()
-    m = len(list(base.named_parameters()))
-    said = SubspaceModel(base, d=60, said=True, seed=3)
-    assert count_trainable(said).trainable == 60 and said.z.numel() == 60 - m and said.lam.numel() == m
-    did = SubspaceModel(tiny_gpt(), d=60 - m, seed=3)  # same seed, same input size: the same projections
+    said, did, idx = tiny_gpt(), tiny_gpt(), token_batch()
+    m = len(list(said.named_parameters()))
+    apply_intrinsic_dimension(said, d=60, said=True, seed=3)
+    assert count_trainable(said).trainable == 60 == count_intrinsic_dimension(CFG, d=60)
+    assert said.subspace.z.numel() == 60 - m and said.subspace.lam.numel() == m
+    apply_intrinsic_dimension(did, d=60 - m, seed=3)  # same seed, same input size: the same projections
     with torch.no_grad():
         z = torch.randn(60 - m)
-        said.z.copy_(z), did.z.copy_(z)
+        said.subspace.z.copy_(z), did.subspace.z.copy_(z)
     assert torch.allclose(said(idx).logits, did(idx).logits, atol=1e-6)  # lam = 1
     said(idx, labels=idx).loss.backward()
-    assert said.lam.grad is not None and said.lam.grad.abs().sum() > 0
+    assert said.subspace.lam.grad is not None and said.subspace.lam.grad.abs().sum() > 0
 
 
 def test_exclude_keeps_tensors_at_theta0() -> None:
-    model = SubspaceModel(tiny_gpt(), d=30, exclude=("wte", "wpe"))
-    assert "wte.weight" not in model.names and "h.0.attn.c_attn.weight" in model.names
+    model = tiny_gpt()
+    apply_intrinsic_dimension(model, d=30, exclude=("wte", "wpe"))
+    assert not parametrize.is_parametrized(model.wte) and parametrize.is_parametrized(model.h[0].attn.c_attn)
     with torch.no_grad():
-        model.z.normal_()
-    eff = model.effective_params()
-    assert "wte.weight" not in eff and not torch.equal(eff["h.0.attn.c_attn.weight"],
-                                                        model.base.h[0].attn.c_attn.weight)
+        model.subspace.z.normal_()
+    lin = model.h[0].attn.c_attn
+    assert not torch.equal(lin.weight, lin.parametrizations.weight.original)
+    assert torch.equal(model.wte.weight, tiny_gpt().wte.weight)
+
+
+def test_stacking_with_lora_both_ways() -> None:
+    idx = token_batch()
+    first = tiny_gpt()  # LoRA first: its A, B keep training as they are; only the frozen tensors are projected
+    apply_lora(first, r=2, targets=("c_attn",))
+    lora_names = set(trainable_names(first))
+    apply_intrinsic_dimension(first, d=20)
+    assert set(trainable_names(first)) == lora_names | {"subspace.z"}
+    assert not parametrize.is_parametrized(first.h[0].attn.c_attn)  # the LoRALinear: A and B are not projected
+    assert parametrize.is_parametrized(first.h[0].attn.c_attn.base, "weight")
+    assert count_trainable(first).trainable == count_lora(CFG, 2, ("c_attn",)) + 20
+    second = tiny_gpt()  # the subspace first, then LoRA around a parametrized linear: z keeps training
+    apply_intrinsic_dimension(second, d=20)
+    apply_lora(second, r=2, targets=("c_fc",))
+    assert count_trainable(second).trainable == count_lora(CFG, 2, ("c_fc",)) + 20
+    for model in (first, second):
+        model(idx, labels=idx).loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        second.subspace.z.normal_()
+        second.h[0].mlp.c_fc.B.normal_()
+    before = second(idx).logits
+    merge_all(second)  # writes into a parametrized weight: theta0 <- (theta0 + P z + s B A) - P z
+    assert torch.allclose(second(idx).logits, before, atol=1e-5)
 
 
 def test_learns_and_generates() -> None:
-    base, idx = tiny_gpt(), token_batch()
-    model, _ = apply_intrinsic_dimension(base, d=200)
+    model, idx = tiny_gpt(), token_batch()
+    apply_intrinsic_dimension(model, d=200)
     losses = adam_steps(model, idx, steps=25, lr=0.1)
     assert losses[-1] < losses[0] - 0.5, losses[::5]
     out = model.generate(idx[:1, :4], 3, temperature=0.0)
@@ -130,13 +170,11 @@ def test_d90() -> None:
 
 
 def test_bad_input() -> None:
-    with pytest.raises(ValueError, match="subspace dimension"):
-        apply_intrinsic_dimension(tiny_gpt(), d=0)
-    with pytest.raises(ValueError, match="SAID scalars"):
-        SubspaceModel(tiny_gpt(), d=10, said=True)  # 26 tensors need 26 scalars
-    with pytest.raises(ValueError, match="unknown projection"):
-        apply_intrinsic_dimension(tiny_gpt(), projection="sparse")
-    with pytest.raises(ValueError, match="leaves no parameter"):
-        SubspaceModel(tiny_gpt(), d=10, exclude=("",))
-    with pytest.raises(TypeError, match="GPT"):
-        apply_intrinsic_dimension(nn.Linear(2, 2))
+    assert_refuses(tiny_gpt(), lambda m: apply_intrinsic_dimension(m, d=0), "subspace dimension")
+    # 26 tensors need 26 scalars
+    assert_refuses(tiny_gpt(), lambda m: apply_intrinsic_dimension(m, d=10, said=True), "SAID scalars")
+    assert_refuses(tiny_gpt(), lambda m: apply_intrinsic_dimension(m, projection="sparse"), "unknown projection")
+    assert_refuses(tiny_gpt(), lambda m: apply_intrinsic_dimension(m, d=10, exclude=("",)), "leaves no parameter")
+    model = tiny_gpt()
+    apply_intrinsic_dimension(model, d=10)
+    assert_refuses(model, lambda m: apply_intrinsic_dimension(m, d=10), "already has")

@@ -6,15 +6,18 @@ import pytest
 import torch
 
 from chapters.ch4_low_rank.lisa import (
+    LISA,
     active_blocks,
     adam_state_bytes,
     apply_lisa,
-    lisa_trainable_count,
+    count_lisa,
     sample_blocks,
 )
+from chapters.ch4_low_rank.lora import apply_lora
 from minimal.gpt import GPT
-from minimal.train import TrainConfig, train
+from minimal.train import TrainConfig, default_optimizer, train
 from tests import helpers
+from tests.ch4_low_rank.refuse import assert_refuses
 from tests.helpers import tiny_config, token_batch
 
 CFG = tiny_config(n_layer=4, n_embd=32)
@@ -54,7 +57,7 @@ def test_trainable_set_state_and_frozen_blocks_in_every_period() -> None:
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
     inner, hooks.step_end = hooks.step_end, step_end
     result = train(model, lambda g: (IDX, IDX), run_cfg(12), hooks)
-    assert result.trainable == lisa_trainable_count(model, 2)
+    assert result.trainable == hooks.n_trainable == count_lisa(CFG, n_active=2)
     for step, active, exact, frozen_same, state_ok, bytes_ok in phases:
         assert len(active) == 2 and exact and frozen_same and state_ok and bytes_ok, step
     sets = [p[1] for p in phases]
@@ -86,7 +89,8 @@ def test_all_blocks_active_is_full_fine_tuning() -> None:
 def test_memory_against_full_training() -> None:
     model = tiny_gpt()
     d, V, T = CFG.n_embd, CFG.vocab_size, CFG.block_size
-    assert lisa_trainable_count(model, 1) == V * d + T * d + 2 * d + (12 * d * d + 13 * d)
+    per_period = V * d + T * d + 2 * d + (12 * d * d + 13 * d)  # wte, wpe, ln_f and one block
+    assert apply_lisa(tiny_gpt(), n_active=1).n_trainable == count_lisa(CFG, 1) == per_period
     assert adam_state_bytes(model) == 8 * CFG.n_params()
     assert adam_state_bytes(model, 1) < adam_state_bytes(model, 2) < adam_state_bytes(model)
 
@@ -100,13 +104,22 @@ def test_it_learns() -> None:
         assert model(IDX, labels=IDX).loss.item() < before - 0.3
 
 
+def test_first_sample_is_drawn_in_setup() -> None:
+    model = tiny_gpt()
+    lisa = apply_lisa(model, n_active=1, period=4, seed=2)
+    assert isinstance(lisa, LISA) and all(p.requires_grad for p in model.parameters())  # the loop collects all
+    params = [p for p in model.parameters() if p.requires_grad]
+    lisa.setup(model, run_cfg(8), default_optimizer(params, run_cfg(8)))
+    assert active_blocks(model) == sample_blocks(CFG.n_layer, 1, torch.Generator().manual_seed(2))
+
+
 def test_errors() -> None:
-    with pytest.raises(ValueError, match="n_active"):
-        apply_lisa(tiny_gpt(), n_active=0)
-    with pytest.raises(ValueError, match="n_active"):
-        apply_lisa(tiny_gpt(), n_active=5)
-    with pytest.raises(ValueError, match="period"):
-        apply_lisa(tiny_gpt(), period=0)
+    assert_refuses(tiny_gpt(), lambda m: apply_lisa(m, n_active=0), "n_active")
+    assert_refuses(tiny_gpt(), lambda m: apply_lisa(m, n_active=5), "n_active")
+    assert_refuses(tiny_gpt(), lambda m: apply_lisa(m, period=0), "period")
+    stacked = tiny_gpt()
+    apply_lora(stacked, r=2, targets=("c_fc",))
+    assert_refuses(stacked, apply_lisa, "LISA trains whole blocks")
     model = tiny_gpt()
     hooks = apply_lisa(model)
     model.wpe.weight.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""ReLoRA: function kept across a restart, optimizer-state pruning, jagged schedule, rank growth, warm start."""
+"""ReLoRA: function kept across a restart, optimizer-state pruning, jagged schedule (on the loop's own lr),
+rank growth, warm start, the trainable count and its formula, errors that leave the model unchanged."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import torch
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora
 from chapters.ch4_low_rank.relora import (
     apply_relora,
+    count_relora,
     jagged_cosine_lr,
+    loop_lr,
     merge_and_reinit,
     prune_optimizer_state,
     restart_steps,
 )
 from minimal.gpt import GPT, GPTConfig
+from minimal.peft import count_trainable
 from minimal.train import TrainConfig, lr_at, train
 from tests.helpers import tiny_gpt, token_batch
 
@@ -83,9 +87,15 @@ def test_jagged_schedule() -> None:
     assert lr[9] == pytest.approx(1e-3)  # end of the first warmup: peak
 
 
+def test_loop_lr_is_the_training_loops_schedule() -> None:
+    for cfg in (TrainConfig(steps=120, lr=1e-3, warmup=10), TrainConfig(steps=7, lr=0.3, warmup=0, min_lr_ratio=0.0),
+                TrainConfig(steps=50, lr=2e-2, warmup=50, min_lr_ratio=0.5)):
+        assert [loop_lr(t, cfg) for t in range(cfg.steps + 3)] == [lr_at(t, cfg) for t in range(cfg.steps + 3)]
+
+
 def test_training_restarts_keep_function_and_prune_state() -> None:
     model = tiny_gpt()
-    hooks = apply_relora(model, r=4, reset_every=5, restart_warmup=2, prune_ratio=0.9, train_rest=True)
+    hooks = apply_relora(model, r=4, period=5, restart_warmup=2, prune_ratio=0.9, train_rest=True)
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     checks = []
 
@@ -114,7 +124,7 @@ def test_training_restarts_keep_function_and_prune_state() -> None:
 def test_accumulated_update_exceeds_the_lora_rank() -> None:
     model = tiny_gpt()
     w0 = model.h[0].attn.c_attn.weight.detach().clone()
-    hooks = apply_relora(model, r=1, reset_every=3, restart_warmup=1, prune="full")
+    hooks = apply_relora(model, r=1, period=3, restart_warmup=1, prune="full")
     train(model, lambda g: (IDX, IDX), run_cfg(13, lr=1e-2), hooks)
     layer = model.h[0].attn.c_attn
     total = layer.base.weight.detach() + layer.delta_weight().detach() - w0
@@ -125,7 +135,7 @@ def test_frozen_base_between_restarts_and_it_learns() -> None:
     model = tiny_gpt()
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     before = model(IDX, labels=IDX).loss.item()
-    hooks = apply_relora(model, r=8, targets=("c_attn", "c_fc"), reset_every=10, restart_warmup=2)
+    hooks = apply_relora(model, r=8, targets=("c_attn", "c_fc"), period=10, restart_warmup=2)
     train(model, lambda g: (IDX, IDX), run_cfg(30, lr=1e-2), hooks)
     params = dict(model.named_parameters())
     untouched = [n for n in ref if "c_attn" not in n and "c_fc" not in n]
@@ -138,7 +148,7 @@ def test_frozen_base_between_restarts_and_it_learns() -> None:
 
 def test_warm_start_trains_full_rank_first() -> None:
     model = tiny_gpt()
-    hooks = apply_relora(model, r=4, reset_every=10, restart_warmup=2, warm_start=3)
+    hooks = apply_relora(model, r=4, period=10, restart_warmup=2, warm_start=3)
     layer = model.h[0].attn.c_attn
     assert layer.base.weight.requires_grad
     seen = []
@@ -156,18 +166,40 @@ def test_warm_start_trains_full_rank_first() -> None:
     assert seen == [True, True] and torch.count_nonzero(layer.B) > 0
 
 
-def test_errors() -> None:
-    with pytest.raises(ValueError, match="reset_every"):
-        apply_relora(tiny_gpt(), reset_every=0)
-    with pytest.raises(ValueError, match="restart_warmup"):
-        apply_relora(tiny_gpt(), reset_every=5, restart_warmup=5)
-    with pytest.raises(ValueError, match="prune must be"):
-        apply_relora(tiny_gpt(), prune="none")
-    with pytest.raises(ValueError, match="rank"):
-        apply_relora(tiny_gpt(), r=0)
+def test_trainable_count_formula() -> None:
+    for kw in ({}, {"warm_start": 3}, {"train_rest": True}, {"warm_start": 3, "train_rest": True},
+               {"r": 2, "targets": ("c_proj",)}):
+        model = tiny_gpt()
+        apply_relora(model, **kw)
+        assert count_trainable(model).trainable == count_relora(CFG, **kw)
+    model = tiny_gpt(config=GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=False))
+    apply_relora(model, r=4, train_rest=True)
+    assert count_trainable(model).trainable == count_relora(model.config, r=4, train_rest=True)
+
+
+def model_state(model: torch.nn.Module) -> tuple:
+    """(module classes, requires_grad flags, parameter values): what a failed apply must leave as it was."""
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return modules, flags, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_errors_leave_the_model_unchanged() -> None:
+    bad = [({"period": 0}, "period"), ({"period": 5, "restart_warmup": 5}, "restart_warmup"),
+           ({"prune": "none"}, "prune must be"), ({"prune_ratio": 1.5}, "prune_ratio"), ({"r": 0}, "rank"),
+           ({"warm_start": -1}, "warm_start"), ({"targets": ["q_proj"]}, "unknown target module")]
+    for kwargs, match in bad:
+        model = tiny_gpt()
+        before = model_state(model)
+        with pytest.raises((ValueError, TypeError), match=match):
+            apply_relora(model, **kwargs)
+        after = model_state(model)
+        assert before[:2] == after[:2] and all(torch.equal(before[2][n], after[2][n]) for n in before[2]), kwargs
     with pytest.raises(ValueError, match="no LoRALinear"):
         merge_and_reinit(tiny_gpt())
     model = tiny_gpt()
     hooks = apply_relora(model, warm_start=10)
     with pytest.raises(ValueError, match="warm_start"):
-        train(model, lambda g: (IDX, IDX), run_cfg(5), hooks)
+        train(model, lambda g: (IDX, IDX), run_cfg(5), hooks)  # checked in setup, once the run length is known
+    with pytest.raises(RuntimeError, match="setup"):
+        hooks.step_end(model, 0, None)

@@ -1,5 +1,7 @@
-"""SoRA: the soft-threshold (and the released quirk), identity at init, trainable set, the exact gate
-updates (code form and paper form), zero gates = lower rank, pruning to a plain LoRA, schedule, errors."""
+"""SoRA (identity at init, frozen entries and merging: tests/test_contract.py): the soft-threshold (and the
+released quirk), trainable set and its formula, the exact gate updates (code form and paper form), zero gates =
+lower rank, pruning to a plain LoRA, the schedule over the run (read in setup), errors that leave the model
+unchanged."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from chapters.ch4_low_rank.lora import LoRALinear
 from chapters.ch4_low_rank.sora import (
     SoRALinear,
     apply_sora,
+    count_sora,
     official_threshold,
     prune_sora,
     rank_pattern,
@@ -19,7 +22,7 @@ from chapters.ch4_low_rank.sora import (
     xi_schedule,
 )
 from minimal.peft import count_trainable
-from minimal.train import TrainConfig, train
+from minimal.train import TrainConfig, default_optimizer, train
 from tests.helpers import tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
@@ -40,15 +43,14 @@ def test_soft_threshold_exact_and_official_quirk() -> None:
     assert soft_threshold(torch.tensor([1.5 * xi]), xi).item() == 0.5 * xi
 
 
-def test_identity_at_init_and_trainable_count() -> None:
-    model, idx = tiny_gpt(), token_batch()
-    ref = model(idx).logits
+def test_gates_and_trainable_count() -> None:
+    model = tiny_gpt()
     apply_sora(model, r=6, targets=("c_attn", "c_fc"))
-    assert torch.equal(model(idx).logits, ref)  # B = 0
     layer = model.h[0].attn.c_attn
     assert layer.g.shape == (6,) and torch.count_nonzero(layer.g) == 6 and layer.rank() == 6
     d, r, L = 64, 6, CFG.n_layer
     assert count_trainable(model).trainable == L * ((r * (d + 3 * d) + r) + (r * (d + 4 * d) + r))
+    assert count_trainable(model).trainable == count_sora(CFG, r=6, targets=("c_attn", "c_fc"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.endswith((".A", ".B", ".g")) for n in names) and len(names) == 3 * 2 * L
 
@@ -77,10 +79,15 @@ def test_dense_form_and_zero_gates_lower_the_rank() -> None:
 def test_code_form_adam_then_threshold_exact() -> None:
     model, idx = tiny_gpt(), token_batch()
     hooks = apply_sora(model, r=4, xi=0.3)
-    optimizer = hooks.make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=0.1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = hooks.make_optimizer(params, TrainConfig(lr=0.1, weight_decay=0.01))
     gate_group = optimizer.param_groups[-1]
     assert gate_group["weight_decay"] == 0.0 and {id(p) for p in gate_group["params"]} == {
         id(m.g) for m in sora_layers(model)}
+    loop = default_optimizer([p for p in params if p.dim() == 2], TrainConfig(lr=0.1, weight_decay=0.01))
+    for ours, theirs in zip(optimizer.param_groups[:-1], loop.param_groups, strict=True):  # A, B: the loop's AdamW
+        assert [id(p) for p in ours["params"]] == [id(p) for p in theirs["params"]]
+        assert {k: v for k, v in ours.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
     model(idx, labels=idx).loss.backward()
     optimizer.step()
     after_adam = [m.g.detach().clone() for m in sora_layers(model)]
@@ -114,15 +121,11 @@ def test_paper_form_proximal_gradient_step_exact() -> None:
 def test_training_prunes_gates_and_prune_sora_keeps_outputs() -> None:
     model, idx = tiny_gpt(), token_batch(b=8)
     hooks = apply_sora(model, r=8, targets=("c_attn", "c_fc"), xi=0.02)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = model(idx, labels=idx).loss.item()
     cfg = TrainConfig(steps=30, batch_size=8, lr=2e-2, warmup=0, progress=False, log_every=0)
     train(model, lambda gen: (idx, idx), cfg, hooks)
     after = model(idx, labels=idx).loss.item()
     assert after < before - 0.3, (before, after)  # it learns
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert torch.equal(p, frozen[n]), n
     ranks = rank_pattern(model)
     assert 0 < sum(ranks.values()) < 8 * 4  # some gates pruned to exactly zero, not all
     for m in sora_layers(model):
@@ -138,22 +141,35 @@ def test_training_prunes_gates_and_prune_sora_keeps_outputs() -> None:
 def test_sparsifying_schedule() -> None:
     assert xi_schedule(1e-3, 4e-3, 4) == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])
     assert xi_schedule(1e-3, 8e-3, 4, "log_linear") == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3])
-    hooks = apply_sora(tiny_gpt(), r=2, xi=0.1, xi_max=0.4, n_phases=4, total_steps=40)
-    updater = hooks.step_end.__self__
+    model = tiny_gpt()
+    updater = apply_sora(model, r=2, xi=0.1, xi_max=0.4, n_phases=4)
+    with pytest.raises(RuntimeError, match="run length"):
+        updater.xi_at(0)  # the phases need cfg.steps, which setup reads
+    updater.setup(model, TrainConfig(steps=40), None)
     assert [updater.xi_at(s) for s in (0, 9, 10, 25, 39)] == pytest.approx([0.1, 0.1, 0.2, 0.3, 0.4])
+    updater.setup(model, TrainConfig(steps=80), None)
+    assert [updater.xi_at(s) for s in (19, 20, 79)] == pytest.approx([0.1, 0.2, 0.4])
 
 
-def test_bad_input_errors() -> None:
-    with pytest.raises(ValueError, match="unknown target module 'q_proj'"):
-        apply_sora(tiny_gpt(), targets=["q_proj"])
-    with pytest.raises(ValueError, match=r"rank r=0 must be in \[1, 64\]"):
-        apply_sora(tiny_gpt(), r=0)
-    with pytest.raises(ValueError, match="update must be 'adam'"):
-        apply_sora(tiny_gpt(), update="sgd")
-    with pytest.raises(ValueError, match="need xi >= 0"):
-        apply_sora(tiny_gpt(), xi=-1.0)
-    with pytest.raises(ValueError, match="xi_max"):
-        apply_sora(tiny_gpt(), xi=0.1, xi_max=0.01)
+def model_state(model: nn.Module) -> tuple:
+    """(module classes, requires_grad flags, parameter values): what a failed apply must leave as it was."""
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return modules, flags, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_bad_input_errors_leave_the_model_unchanged() -> None:
+    bad = [({"targets": ["q_proj"]}, "unknown target module 'q_proj'"), ({"r": 0}, r"rank r=0 must be in \[1, 64\]"),
+           ({"update": "sgd"}, "update must be 'adam'"), ({"xi": -1.0}, "need xi >= 0"),
+           ({"xi": 0.1, "xi_max": 0.01}, "xi_max"), ({"n_phases": 0}, "n_phases must be >= 1"),
+           ({"alpha": -1.0}, "alpha")]
+    for kwargs, match in bad:
+        model = tiny_gpt()
+        before = model_state(model)
+        with pytest.raises(ValueError, match=match):
+            apply_sora(model, **kwargs)
+        after = model_state(model)
+        assert before[:2] == after[:2] and all(torch.equal(before[2][n], after[2][n]) for n in before[2]), kwargs
     with pytest.raises(ValueError, match="schedule must be"):
         xi_schedule(0.1, 0.2, 3, "cosine")
     with pytest.raises(ValueError, match="no SoRALinear"):

@@ -209,6 +209,36 @@ def test_peft_ia3_imports_with_equal_logits(tmp_path) -> None:
         torch.testing.assert_close(model(x).logits, pm(input_ids=x).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_float64_peft_adapter_imports_exactly(tmp_path, kind: str) -> None:
+    hf = to_hf(ours()).double().eval()
+    model = from_hf(hf).eval()  # our float64 GPT on the same base
+    config = (peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules=["c_attn", "mlp.c_fc"],
+                              lora_dropout=0.0, fan_in_fan_out=True, init_lora_weights=False) if kind == "lora" else
+              peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
+                             feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True, init_ia3_weights=False))
+    pm = peft.get_peft_model(hf, config).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # float64 values that float32 cannot hold
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.copy_((kind == "ia3") + 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    pm.save_pretrained(str(tmp_path))
+    saved = load_file(str(tmp_path / PEFT_WEIGHTS))
+    assert {v.dtype for v in saved.values()} == {torch.float64}
+    assert all(not torch.equal(v, v.float().double()) for v in saved.values())  # float32 would round them
+    import_peft(model, tmp_path)
+    params = dict(model.named_parameters())
+    for key, value in saved.items():  # base_model.model.transformer.h.0.attn.c_attn.lora_A.weight -> h.0.attn.c_attn.A
+        name = key.removeprefix("base_model.model.transformer.")
+        name = name.replace(".lora_A.weight", ".A").replace(".lora_B.weight", ".B").replace(".ia3_l", ".scale")
+        assert params[name].dtype == torch.float64 and torch.equal(params[name], value.flatten() if kind == "ia3"
+                                                                   else value), name  # bit-exact
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, pm(input_ids=x).logits, rtol=0, atol=1e-12)
+
+
 def test_round_trip_ours_peft_ours(tmp_path) -> None:
     model = ours()
     apply_lora(model, r=3, alpha=6, targets=["attn.c_proj"])

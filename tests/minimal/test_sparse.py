@@ -18,6 +18,7 @@ from minimal.sparse import (
     squared_batch_gradient,
     sum_batch_gradients,
     topk_mask,
+    trained_before,
 )
 from minimal.train import TrainConfig, train
 
@@ -80,7 +81,7 @@ def test_topk_and_budget_errors():
         topk_mask({"x": torch.rand(4)}, 5)
     with pytest.raises(ValueError, match="no score"):
         topk_mask({}, 1)
-    assert budget(0.005, 842_496) == 4212  # the spec's 0.5% of TINY-S
+    assert budget(0.005, 842_496) == 4212  # 0.5% of a 4-layer, width-128 GPT (vocab 256, block 128)
     with pytest.raises(ValueError, match="fraction"):
         budget(0.0, 100)
     with pytest.raises(ValueError, match="selects no entry"):
@@ -238,6 +239,36 @@ def test_grad_mask_scales_and_zeroes_the_gradient():
     mask = torch.rand(g.shape) < 0.3
     GradMask(model, {"h.0.mlp.c_fc.weight": mask}, restore=False, scale=2.5).after_backward(model, 0)
     assert torch.equal(model.h[0].mlp.c_fc.weight.grad, g * mask * 2.5)
+
+
+def test_grad_mask_is_the_hooks_and_counts_the_entries_it_lets_train():
+    model = tiny()
+    freeze(model)
+    model.ln_f.bias.requires_grad_(True)  # a dense trainable tensor beside the masked one
+    model.h[0].mlp.c_fc.weight.requires_grad_(True)
+    mask = torch.rand(model.h[0].mlp.c_fc.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.1
+    gm = GradMask(model, {"h.0.mlp.c_fc.weight": mask})
+    assert isinstance(gm, Hooks) and gm.hooks() is gm
+    assert gm.n_trainable == int(mask.sum()) + CFG.n_embd
+
+
+def test_trained_before_names_an_earlier_method_s_trainables_only():
+    model = tiny()
+    assert trained_before(model) == set()  # a fresh model: everything requires grad, nothing was applied
+    freeze(model)
+    model.ln_f.bias.requires_grad_(True)
+    model.peft_methods_applied = 1  # what minimal.peft.freeze_base records
+    assert trained_before(model) == {"ln_f.bias"}
+
+
+def test_sparse_needs_torch_and_hooks_only():
+    import subprocess
+    import sys
+
+    code = ("import sys, minimal.sparse; print(sorted(n for n in sys.modules if n.startswith(('minimal', 'chapters', "
+            "'tiktoken', 'regex'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['minimal', 'minimal.hooks', 'minimal.sparse']"
 
 
 def test_grad_mask_errors():

@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from chapters.ch4_low_rank.adalora import RankAllocator, SVDLinear, apply_adalora  # noqa: E402
+from minimal.train import TrainConfig  # noqa: E402
 from tests.helpers import hf_tiny_pair  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj"]
@@ -38,8 +39,9 @@ def build(init_r: int = 4, target_r: int = 2, total_step: int = 4, orth_reg_weig
     )
     torch.manual_seed(1)
     pm = peft.get_peft_model(hf, config).eval()
-    hooks = apply_adalora(ours, total_steps=total_step, init_r=init_r, target_r=target_r, alpha=16,
-                          targets=TARGETS, orth_reg_weight=orth_reg_weight)
+    allocator = apply_adalora(ours, init_r=init_r, target_r=target_r, alpha=16, targets=TARGETS,
+                              orth_reg_weight=orth_reg_weight)
+    allocator.setup(ours, TrainConfig(steps=total_step, warmup=0), None)  # the run length, as train() passes it
     # E is zero at init in both: give it values so that the comparison is not trivially equal
     g = torch.Generator().manual_seed(3)
     pairs = []
@@ -56,17 +58,17 @@ def build(init_r: int = 4, target_r: int = 2, total_step: int = 4, orth_reg_weig
             mine.scale = module.scaling["default"] / (module.ranknum["default"].item() + 1e-5)
             pairs.append((name, mine, module))
     assert len(pairs) == 3 * 2  # c_attn, attn.c_proj, mlp.c_proj in 2 blocks
-    return pm, ours, hooks, pairs
+    return pm, ours, allocator, pairs
 
 
 def test_adalora_forward_loss_and_gradients_match_peft() -> None:
-    pm, ours, hooks, pairs = build()
+    pm, ours, allocator, pairs = build()
     idx = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(2))
     theirs = pm(input_ids=idx, labels=idx)  # loss includes 0.5 * orthogonality regulariser
     out = ours(idx, labels=idx)
-    mine_loss = out.loss + hooks.extra_loss(ours)
+    mine_loss = out.loss + allocator.extra_loss(ours)
     assert (theirs.logits - out.logits).abs().max() < 1e-5
-    assert hooks.extra_loss(ours).item() > 0.1  # the regulariser is really part of both losses
+    assert allocator.extra_loss(ours).item() > 0.1  # the regulariser is really part of both losses
     torch.testing.assert_close(mine_loss, theirs.loss, atol=1e-5, rtol=1e-6)
     theirs.loss.backward()
     mine_loss.backward()
@@ -78,8 +80,7 @@ def test_adalora_forward_loss_and_gradients_match_peft() -> None:
 
 
 def test_rank_allocator_matches_peft_step_by_step() -> None:
-    pm, ours, hooks, pairs = build(init_r=4, target_r=2, total_step=4)
-    allocator = hooks.step_end.__self__
+    pm, ours, allocator, pairs = build(init_r=4, target_r=2, total_step=4)
     assert isinstance(allocator, RankAllocator)
     theirs = pm.base_model.rankallocator
     assert (allocator.init_budget, allocator.target_budget) == (theirs.init_bgt, theirs.target_bgt) == (24, 12)
@@ -87,7 +88,7 @@ def test_rank_allocator_matches_peft_step_by_step() -> None:
     for t in (1, 2, 3, 4):  # budgets 17, 13, 12 in the cubic phase, then the final mask at t = T - t_final = 4
         ours.zero_grad(set_to_none=True)
         idx = torch.randint(0, 101, (2, 16), generator=gen)
-        (ours(idx, labels=idx).loss + hooks.extra_loss(ours)).backward()
+        (ours(idx, labels=idx).loss + allocator.extra_loss(ours)).backward()
         with torch.no_grad():  # bit-identical weights and gradients on both sides
             for _, mine, module in pairs:
                 for ours_p, theirs_p in ((mine.A, module.lora_A["default"]), (mine.B, module.lora_B["default"]),
@@ -97,7 +98,7 @@ def test_rank_allocator_matches_peft_step_by_step() -> None:
         if t < 4:
             expected = {1: 17, 2: 13, 3: 12}[t]
             assert theirs.budget_schedule(t)[0] == allocator.budget_at(t)[0] == expected
-        hooks.after_backward(ours, t - 1)
+        allocator.after_backward(ours, t - 1)
         pm.base_model.update_and_allocate(t)
         if t < 4:  # importance compared while it is being updated (peft resets it at t = T - t_final)
             for name, mine, _ in pairs:
@@ -108,7 +109,7 @@ def test_rank_allocator_matches_peft_step_by_step() -> None:
                                                atol=0, rtol=1e-6)
                     torch.testing.assert_close(allocator.unc_avg[f"{name}.{p}"], theirs.exp_avg_unc[key].view(shape),
                                                atol=0, rtol=1e-6)
-        hooks.step_end(ours, t - 1, None)
+        allocator.step_end(ours, t - 1, None)
         kept_total = 0
         for name, mine, module in pairs:
             ours_kept = mine.E != 0
