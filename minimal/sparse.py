@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -368,3 +369,17 @@ def squared_batch_gradient(
         loss = functional_call(model, live, (idx,), {"labels": labels}).loss
         grads = torch.autograd.grad(loss, list(live.values()))
     return {n: g.square() for n, g in zip(live, grads, strict=True)}
+
+
+def sample_rows(data: Any, n_samples: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, labels) [N, T]: the examples a data-driven mask is scored on (FISH, FISH-DIP): n_samples drawn once
+    (seeded) from a minimal.data.Task's train split, or the first n_samples rows of a given (idx, labels) pair."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
+        from minimal.data import sample_examples
+
+        return sample_examples(data, n_samples, block_size, seed)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0][:n_samples], data[1][:n_samples]
+    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")

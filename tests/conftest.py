@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from minimal.gpt import GPT, GPTConfig  # noqa: E402
+from tests.helpers import assert_refuses  # noqa: E402
 
 
 @pytest.fixture
@@ -20,3 +21,9 @@ def tiny_config() -> GPTConfig:
 def tiny_gpt(tiny_config: GPTConfig) -> GPT:
     torch.manual_seed(0)
     return GPT(tiny_config).eval()
+
+
+@pytest.fixture
+def refuses():
+    """refuses(model, apply, match): apply(model) raises (ValueError by default) and changes nothing."""
+    return assert_refuses

@@ -6,6 +6,9 @@ The defaults are the tiny config of conftest.py: vocab 101, block 32, 2 layers, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -150,3 +153,24 @@ def assert_model_unchanged(model: nn.Module, before: dict) -> None:
     moved = [n for n, t in after["state"].items()
              if t.dtype != before["state"][n].dtype or not torch.equal(t, before["state"][n])]
     assert not moved, f"values changed: {moved}"
+
+
+def assert_refuses(model: nn.Module, apply: Callable[[nn.Module], object], match: str,
+                   error: type[Exception] = ValueError) -> None:
+    """apply(model) raises `error` matching `match`; modules, flags, hooks, attributes and values are unchanged."""
+    before = model_snapshot(model)
+    with pytest.raises(error, match=match):
+        apply(model)
+    assert_model_unchanged(model, before)
+
+
+class Wrapped(nn.Module):
+    """A causal LM that is not our GPT class, so code with a GPT fast path (a shared prompt cache) takes its
+    generic path."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, idx: torch.Tensor):
+        return self.model(idx)

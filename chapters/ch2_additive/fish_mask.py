@@ -51,6 +51,7 @@ from minimal.sparse import (
     add_sparse_deltas,
     budget,
     empirical_fisher,
+    sample_rows,
     sparse_deltas,
     topk_mask,
     trained_before,
@@ -63,18 +64,7 @@ IMPLEMENTATIONS = ("delta", "grad_mask")
 SCORES = ("fisher", "random")
 
 
-def fisher_samples(data: Any, n_samples: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, labels) [N, T]: n_samples examples drawn once (seeded) from a minimal.data.Task's train split, or
-    the first n_samples rows of a given (idx, labels) pair (minimal.data.sample_examples does the drawing)."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
-        from minimal.data import sample_examples
-
-        return sample_examples(data, n_samples, block_size, seed)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0][:n_samples], data[1][:n_samples]
-    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
+fisher_samples = sample_rows  # the examples FISH's Fisher is computed on (minimal/sparse.py)
 
 
 def eligible_names(model: GPT, exclude: tuple[str, ...]) -> list[str]:

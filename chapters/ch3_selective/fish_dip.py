@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from minimal.hooks import Hooks
 from minimal.peft import freeze_base
-from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, topk_mask, trained_before
+from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, sample_rows, topk_mask, trained_before
 
 if TYPE_CHECKING:
     from minimal.gpt import GPT, GPTConfig
@@ -149,18 +149,7 @@ class FishDip(Hooks):
             self.refresh(model, step + 1)
 
 
-def sample_pool(data: Any, n_samples: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, labels) [N, T]: n_samples examples drawn once (seeded) from a minimal.data.Task's train split, or
-    the first n_samples rows of a given (idx, labels) pair. Shared with FISH (minimal.data.sample_examples)."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    if hasattr(data, "splits"):  # a Task: minimal.data (tokenizer included) is loaded already, since it made it
-        from minimal.data import sample_examples
-
-        return sample_examples(data, n_samples, block_size, seed)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0][:n_samples], data[1][:n_samples]
-    raise TypeError(f"data must be a minimal.data.Task or an (idx, labels) tuple of tensors, got {type(data).__name__}")
+sample_pool = sample_rows  # the pool FISH-DIP re-scores at each refresh (minimal/sparse.py)
 
 
 def apply_fish_dip(model: GPT, data: Any, fraction: float = 0.01, period: int = 100, n_samples: int = 256,

@@ -10,7 +10,7 @@ from chapters.ch2_additive.t_few import ChoiceLoss, answer_logprobs, answer_scor
 from chapters.ch5_applications.tabllm import choice_batch
 from minimal.data import Example, collate, encode_prompt, get_tokenizer
 from minimal.tokenizer import special_id
-from tests.helpers import tiny_config, tiny_gpt
+from tests.helpers import Wrapped, tiny_config, tiny_gpt
 
 VOCAB = get_tokenizer().n_vocab  # 2048
 
@@ -18,17 +18,6 @@ VOCAB = get_tokenizer().n_vocab  # 2048
 def lm(seed: int = 0):
     """A tiny random GPT over the shipped tokenizer's vocabulary."""
     return tiny_gpt(seed, tiny_config(vocab_size=VOCAB, block_size=128))
-
-
-class Wrapped(torch.nn.Module):
-    """A causal LM that is not our GPT class: answer_logprobs takes its generic path (no shared prompt cache)."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def forward(self, idx):
-        return self.model(idx)
 
 
 def test_shared_prompt_path_equals_the_full_path_with_gradients() -> None:

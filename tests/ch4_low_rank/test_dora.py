@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from chapters.ch4_low_rank.dora import DoRALinear, apply_dora, count_dora
 from minimal.peft import count_trainable, unload
 from minimal.train import TrainConfig, train
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adamw_steps, tiny_config, tiny_gpt, token_batch
+from tests.helpers import adamw_steps, assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 

@@ -17,8 +17,7 @@ from chapters.ch4_low_rank.galore import (
 from chapters.ch4_low_rank.lora import apply_lora
 from minimal.peft import count_trainable
 from minimal.train import TrainConfig, default_optimizer, train
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import tiny_config, tiny_gpt
+from tests.helpers import assert_refuses, tiny_config, tiny_gpt
 
 CFG = tiny_config()
 

@@ -19,8 +19,7 @@ from chapters.ch4_low_rank.intrinsic_dimension import (
 from chapters.ch4_low_rank.lora import apply_lora, count_lora
 from minimal.hooks import Hooks
 from minimal.peft import count_trainable, merge_all, trainable_names
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
+from tests.helpers import adam_steps, assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 

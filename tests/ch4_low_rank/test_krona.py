@@ -18,8 +18,7 @@ from chapters.ch4_low_rank.krona import (
     kron_shapes,
 )
 from minimal.peft import count_trainable
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
+from tests.helpers import adam_steps, assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 

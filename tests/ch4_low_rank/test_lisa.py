@@ -17,8 +17,7 @@ from chapters.ch4_low_rank.lora import apply_lora
 from minimal.gpt import GPT
 from minimal.train import TrainConfig, default_optimizer, train
 from tests import helpers
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import tiny_config, token_batch
+from tests.helpers import assert_refuses, tiny_config, token_batch
 
 CFG = tiny_config(n_layer=4, n_embd=32)
 IDX = token_batch()

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from chapters.ch4_low_rank.loha import LoHaLinear, apply_loha, count_loha
 from minimal.peft import count_trainable, load_adapter, merge_all, save_adapter, unmerge_all
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
+from tests.helpers import adam_steps, assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 TARGETS = ("c_attn", "c_fc")  # [192, 64] and [256, 64]

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora, count_lora, lora_scale, target_shapes
 from minimal.peft import count_trainable, load_adapter, save_adapter, trainable_names, unload
 from minimal.train import TrainConfig, train
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import tiny_config, tiny_gpt, token_batch
+from tests.helpers import assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 

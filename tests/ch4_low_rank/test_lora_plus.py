@@ -12,8 +12,7 @@ from chapters.ch4_low_rank.lora_plus import LoRAPlus, apply_lora_plus, count_lor
 from minimal.hooks import Hooks
 from minimal.peft import count_trainable
 from minimal.train import TrainConfig, lr_at, train
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import tiny_config, tiny_gpt, token_batch
+from tests.helpers import assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 TARGETS = ("c_attn", "c_proj")

@@ -12,8 +12,7 @@ from chapters.ch4_low_rank.lotr import LoTRLinear, TuckerFactors, apply_lotr, co
 from minimal.gpt import GPT
 from minimal.peft import count_trainable
 from tests import helpers
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adam_steps, tiny_config, token_batch
+from tests.helpers import adam_steps, assert_refuses, tiny_config, token_batch
 
 CFG = tiny_config(n_layer=3)
 

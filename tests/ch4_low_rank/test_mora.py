@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from chapters.ch4_low_rank.mora import KINDS, MoRALinear, apply_mora, budget_error, count_mora, mora_rank
 from minimal.peft import count_trainable
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
+from tests.helpers import adam_steps, assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 

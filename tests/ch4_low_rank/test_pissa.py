@@ -19,8 +19,7 @@ from chapters.ch4_low_rank.pissa import (
 )
 from minimal.peft import count_trainable, merge_all, unload
 from minimal.train import TrainConfig, train
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import tiny_config, tiny_gpt, token_batch
+from tests.helpers import assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 

@@ -28,8 +28,7 @@ from chapters.ch4_low_rank.qlora import (
     unpack_4bit,
 )
 from minimal.peft import Mergeable, count_trainable, merge_all, trainable_names
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import adam_steps, tiny_config, tiny_gpt, token_batch
+from tests.helpers import adam_steps, assert_refuses, tiny_config, tiny_gpt, token_batch
 
 # The NF4 data type as printed in the QLoRA paper (Dettmers et al. 2023, arXiv 2305.14314, Appendix E).
 NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

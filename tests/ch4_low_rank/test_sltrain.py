@@ -13,8 +13,7 @@ from chapters.ch4_low_rank.lora import apply_lora
 from chapters.ch4_low_rank.sltrain import SLTrainLinear, apply_sltrain, count_sltrain
 from minimal.peft import count_trainable
 from minimal.train import TrainConfig, train
-from tests.ch4_low_rank.refuse import assert_refuses
-from tests.helpers import tiny_config, tiny_gpt, token_batch
+from tests.helpers import assert_refuses, tiny_config, tiny_gpt, token_batch
 
 CFG = tiny_config()
 IDX = token_batch()

@@ -17,6 +17,7 @@ from minimal.hooks import Hooks
 from minimal.peft import freeze
 from minimal.tokenizer import special_id
 from tests.ch5_applications.tabllm_setup import lm, toy_table
+from tests.helpers import Wrapped
 
 COLUMNS = ["age", "blood pressure", "heart rate", "weight"]
 VALUES = ["39", "high", "72", "low"]
@@ -121,17 +122,6 @@ def test_levels_and_numbers() -> None:
 
 
 # ------------------------------------------------------------------------------------------ rank classification
-
-
-class Wrapped(torch.nn.Module):
-    """A causal LM that is not our GPT class: choice_scores takes its generic path (no shared prompt cache)."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def forward(self, idx):
-        return self.model(idx)
 
 
 def test_choice_scores_are_length_normalised_log_likelihoods() -> None:
