@@ -43,7 +43,7 @@ TAXONOMY: dict[str, tuple[str, ...]] = {
     "reparameterisation": (
         "HiWi", "LoRA", "rsLoRA", "KronA", "KAdaptation", "DoRA", "PiSSA", "MiLoRA", "LoTR", "MoRA", "MELoRA",
         "Intrinsic dimension", "AdaLoRA", "SoRA", "DoRA (dynamic rank)", "DyLoRA", "ReLoRA", "COLA", "GaLore",
-        "SLTrain", "LoraHub",
+        "SLTrain", "LoraHub", "QLoRA", "LoRA+", "VeRA", "LoHa",
     ),
 }
 
@@ -63,7 +63,8 @@ FILES: dict[str, str] = {  # method -> the file that implements it (paths from t
     "Intrinsic dimension": _CH4 + "intrinsic_dimension.py", "AdaLoRA": _CH4 + "adalora.py", "SoRA": _CH4 + "sora.py",
     "DoRA (dynamic rank)": _CH4 + "dyna_dora.py", "DyLoRA": _CH4 + "dylora.py", "ReLoRA": _CH4 + "relora.py",
     "COLA": _CH4 + "chain_of_lora.py", "GaLore": _CH4 + "galore.py", "SLTrain": _CH4 + "sltrain.py",
-    "LoraHub": _CH4 + "lorahub.py",
+    "LoraHub": _CH4 + "lorahub.py", "QLoRA": _CH4 + "qlora.py", "LoRA+": _CH4 + "lora_plus.py",
+    "VeRA": _CH4 + "vera.py", "LoHa": _CH4 + "loha.py",
 }
 
 NOTES: dict[str, str] = {
@@ -73,6 +74,7 @@ NOTES: dict[str, str] = {
     "Lottery ticket": "pruning, not PEFT; the ancestor of LT-SFT",
     "GaLore": "low-rank projection of the gradient, not of the weight",
     "SLTrain": "W = B A + S for pretraining",
+    "QLoRA": "LoRA's delta on a base stored in 4-bit NF4 (the quantisation itself is not a delta)",
     "LoraHub": "a weighted sum of trained LoRA modules",
 }
 

@@ -16,7 +16,7 @@ quantisation, and a short LoRA fine-tune from the 4-bit base against the same fi
    method's registry learning rate) on one task, for `lora` on the float base and `qlora` on the NF4 base,
    and both bases zero-shot. One seed by default: differences of a few points are within seed noise.
 
-The default run needs under a minute of CPU time on one thread (--threads; longer on a busy machine).
+The default run took 182 s on one thread of this project's 2-core machine (--threads; longer on a busy one).
 """
 
 from __future__ import annotations
