@@ -76,6 +76,15 @@ def tiny_gpt(shape: tuple[int, int, int], seed: int = 0, block_size: int = 16):
     return GPT(GPTConfig(vocab_size=40, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
 
 
+def predicted(answer: Any, what: str = "the answer") -> int:
+    """A predicted int; None or ... (the unfilled `answer = None`) means not answered yet."""
+    if answer is None or answer is ...:
+        raise NotImplementedError
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise Mismatch(f"{what} should be an int, got {answer!r}")
+    return answer
+
+
 def run(fn: Callable[..., Any], *args: Any, what: str) -> Any:
     """Call the student's function; an exception other than NotImplementedError becomes a Mismatch."""
     try:

@@ -10,17 +10,8 @@ from typing import Any
 
 import torch
 
-from chapters.exercises import Mismatch, checker, close, equal, run, tiny_gpt
+from chapters.exercises import Mismatch, checker, close, equal, predicted, run, tiny_gpt
 from chapters.exercises.ch2 import SHAPES
-
-
-def predicted_int(answer: Any, what: str) -> int:
-    if answer is None or answer is ...:
-        raise NotImplementedError
-    if isinstance(answer, bool) or not isinstance(answer, int):
-        raise Mismatch(f"{what} should be an int, got {answer!r}")
-    return answer
-
 
 # ----------------------------------------------------------------------------------- large-sparse budget
 
@@ -36,8 +27,8 @@ def check_large_sparse(answer: Any) -> None:
         raise NotImplementedError
     if not isinstance(answer, dict) or set(answer) != {"width", "kept"}:
         raise Mismatch("the answer should be a dict with the keys 'width' and 'kept'")
-    width = predicted_int(answer["width"], "'width'")
-    kept = predicted_int(answer["kept"], "'kept'")
+    width = predicted(answer["width"], "'width'")
+    kept = predicted(answer["kept"], "'kept'")
     want_width = sa.large_sparse_bottleneck(8, 0.25)
     if width != want_width:
         raise Mismatch(f"the large-sparse width for m = 8 keeping 0.25 of the weights (s = 0.75) is {want_width}, "
@@ -150,7 +141,7 @@ def check_fish_budget(answer: Any) -> None:
     from minimal.pretrained import load_base
     from minimal.sparse import mask_count
 
-    got = predicted_int(answer, "k")
+    got = predicted(answer, "k")
     model = load_base("base")
     want = mask_count(fish_mask(model, None, None, fraction=0.005, score="random"))
     if got != want:

@@ -15,18 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from chapters.exercises import Mismatch, checker, close, equal, run
+from chapters.exercises import Mismatch, checker, close, equal, predicted, run
 
 ALL = ("c_attn", "c_proj", "c_fc")  # every linear layer of a block ("c_proj": attn and mlp)
-
-
-def predicted(answer: Any, kind: type = int) -> Any:
-    """A predicted value; None (the unfilled `answer = None`) means not answered yet."""
-    if answer is None or answer is ...:
-        raise NotImplementedError
-    if kind is int and (isinstance(answer, bool) or not isinstance(answer, int)):
-        raise Mismatch(f"the answer should be an int, got {answer!r}")
-    return answer
 
 
 def as_pair(got: Any, what: str) -> tuple[Any, Any]:
