@@ -28,6 +28,7 @@ This file imports torch only, so that a method file can be copied with it (see e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -70,3 +71,13 @@ class Hooks:
 
     def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         """After optimizer.step(): prune, merge, restart or re-draw here."""
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """The loop's learning rate at `step`: linear warmup for cfg.warmup steps, then cosine from cfg.lr to
+    cfg.lr * cfg.min_lr_ratio. Here (torch only) so that a method whose schedule rides on it can copy it."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -97,6 +97,15 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def trained_before(model: nn.Module) -> set[str]:
+    """The parameters that a method applied earlier to `model` trains (none on a fresh model).
+
+    A selective method stacked on another one leaves those to it: it neither scores nor masks them, so
+    they keep training as the first method set them up.
+    """
+    return set(trainable_names(model)) if getattr(model, APPLIED, 0) else set()
+
+
 # ------------------------------------------------------------------------------------------ injection
 
 

@@ -100,18 +100,6 @@ def check_masks(model: nn.Module, masks: Masks) -> dict[str, nn.Parameter]:
     return {n: params[n] for n in masks}
 
 
-def trained_before(model: nn.Module) -> set[str]:
-    """The parameters that a method applied earlier to `model` trains (none on a fresh model).
-
-    A selective method stacked on another one leaves those to it: it neither scores nor masks them, so
-    they keep training as the first method set them up. The count of applied methods is the attribute
-    that `minimal.peft.freeze_base` sets (read by name here, so that this file needs torch only).
-    """
-    if not getattr(model, "peft_methods_applied", 0):
-        return set()
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
 # ------------------------------------------------------------------------------ 1. delta parametrisation
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from minimal.hooks import Hooks
+from minimal.hooks import Hooks, lr_at
 from minimal.peft import count_trainable
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # idx [B, T], labels [B, T]
@@ -81,15 +81,6 @@ class TrainResult:
     def final_loss(self) -> float:
         tail = [h["loss"] for h in self.history[-10:]]
         return sum(tail) / len(tail)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup for cfg.warmup steps, then cosine from lr to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def default_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from minimal.hooks import Hooks
-from minimal.peft import freeze_base
+from minimal.peft import freeze_base, trained_before
 from minimal.sparse import (
     GradMask,
     Masks,
@@ -54,7 +54,6 @@ from minimal.sparse import (
     sample_rows,
     sparse_deltas,
     topk_mask,
-    trained_before,
 )
 
 if TYPE_CHECKING:

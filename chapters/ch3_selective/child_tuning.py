@@ -49,8 +49,8 @@ import torch
 import torch.nn as nn
 
 from minimal.hooks import Hooks
-from minimal.peft import freeze_base
-from minimal.sparse import GradMask, Masks, budget, sum_batch_gradients, topk_mask, trained_before
+from minimal.peft import freeze_base, trained_before
+from minimal.sparse import GradMask, Masks, budget, sum_batch_gradients, topk_mask
 
 if TYPE_CHECKING:
     from minimal.gpt import GPT, GPTConfig

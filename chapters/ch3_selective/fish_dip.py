@@ -46,8 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimal.hooks import Hooks
-from minimal.peft import freeze_base
-from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, sample_rows, topk_mask, trained_before
+from minimal.peft import freeze_base, trained_before
+from minimal.sparse import Masks, budget, empirical_fisher, mask_overlap, sample_rows, topk_mask
 
 if TYPE_CHECKING:
     from minimal.gpt import GPT, GPTConfig

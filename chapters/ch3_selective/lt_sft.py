@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 
 from minimal.hooks import Hooks
-from minimal.peft import freeze_base
-from minimal.sparse import Masks, add_sparse_deltas, budget, mask_overlap, sparse_deltas, topk_mask, trained_before
+from minimal.peft import freeze_base, trained_before
+from minimal.sparse import Masks, add_sparse_deltas, budget, mask_overlap, sparse_deltas, topk_mask
 
 if TYPE_CHECKING:
     from minimal.gpt import GPT, GPTConfig

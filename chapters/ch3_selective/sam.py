@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from minimal.hooks import Hooks
-from minimal.peft import freeze_base
+from minimal.peft import freeze_base, trained_before
 from minimal.sparse import (
     GradMask,
     Masks,
@@ -56,7 +56,6 @@ from minimal.sparse import (
     sparse_deltas,
     sum_batch_gradients,
     topk_mask,
-    trained_before,
 )
 
 if TYPE_CHECKING:

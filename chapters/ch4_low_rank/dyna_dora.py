@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import target_shapes
+from chapters.ch4_low_rank.lora import check_rank, target_shapes
 from minimal.hooks import Hooks
 from minimal.peft import Mergeable, inject
 
@@ -59,12 +59,7 @@ class ComponentLinear(Mergeable):
 
     def __init__(self, base: nn.Linear, r: int = 12, alpha: float = 16.0, dropout: float = 0.0) -> None:
         super().__init__(base)
-        if not isinstance(r, int) or isinstance(r, bool):
-            raise TypeError(f"{type(self).__name__} rank r must be an int, got {type(r).__name__}")
-        limit = min(base.in_features, base.out_features)
-        if not 1 <= r <= limit:
-            raise ValueError(f"{type(self).__name__} rank r={r} must be in [1, {limit}] for a layer of shape "
-                             f"[out={base.out_features}, in={base.in_features}]")
+        check_rank(r, base, type(self).__name__)
         if not alpha > 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         if not 0.0 <= dropout < 1.0:

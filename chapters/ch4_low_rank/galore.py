@@ -229,6 +229,5 @@ def apply_galore(
 
 
 def count_galore(config: GPTConfig) -> int:
-    """Trainable entries after apply_galore: every parameter of the GPT, V d + T d + L (12 d^2 + 13 d) + 2 d."""
-    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
-    return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
+    """Trainable entries after apply_galore: every parameter of the GPT (GPTConfig.n_params)."""
+    return config.n_params()

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import check_rank, target_shapes
+from chapters.ch4_low_rank.lora import check_rank, lora_scale, target_shapes
 from minimal.hooks import Hooks
 from minimal.peft import Mergeable, inject
 
@@ -60,7 +60,7 @@ class LoHaLinear(Mergeable):
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
         self.r, self.alpha = r, float(alpha)
-        self.scale = alpha / r
+        self.scale = lora_scale(r, alpha)
         w = base.weight  # [out, in]
         out_f, in_f = base.out_features, base.in_features
         self.B1 = nn.Parameter(torch.empty(out_f, r, device=w.device, dtype=w.dtype))  # [out, r]

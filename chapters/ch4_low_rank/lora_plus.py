@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from chapters.ch4_low_rank.lora import LoRALinear, apply_lora, target_shapes
+from chapters.ch4_low_rank.lora import LoRALinear, apply_lora, count_lora
 from minimal.hooks import Hooks
 from minimal.peft import find_linears
 
@@ -55,7 +55,7 @@ class LoRAPlus(Hooks):
 
     def __init__(self, layers: list[LoRALinear], ratio: float) -> None:
         super().__init__()
-        self.layers, self.ratio = layers, float(ratio)
+        self.ratio = float(ratio)
         self.b_ids = {id(layer.B) for layer in layers}
 
     def param_groups(self, params: list[nn.Parameter], cfg: Any) -> list[dict]:
@@ -97,4 +97,4 @@ def apply_lora_plus(
 
 def count_lora_plus(config: GPTConfig, r: int = 8, targets: str | Iterable[str] = ("c_attn",)) -> int:
     """Trainable entries after apply_lora_plus: LoRA's r (in + out) per adapted layer."""
-    return sum(r * (o + i) for o, i in target_shapes(config, targets).values())
+    return count_lora(config, r, targets)

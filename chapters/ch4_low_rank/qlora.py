@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,6 +117,12 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------ quantisation
 
 
+@functools.cache
+def code_on(make: Callable[[], torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A code table (nf4_code, dynamic_code) on `device` in `dtype`, copied there once, not on every forward."""
+    return make().to(device, dtype)
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmax block-wise quantisation: x (any shape, n entries) -> (codes uint8 [nb, block], absmax [nb]).
 
@@ -164,7 +170,7 @@ def double_dequantize(codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tens
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(codes [nb], c2, m) -> the recovered scales c1 ~ code8[codes] * c2 + m, [nb] in `dtype`."""
     padded = F.pad(codes, (0, -codes.numel() % block2)).view(-1, block2)  # [nb2, block2]
-    c1 = dequantize_blockwise(padded, scale.to(dtype), dynamic_code())[: codes.numel()]
+    c1 = dequantize_blockwise(padded, scale.to(dtype), code_on(dynamic_code, scale.device, dtype))[: codes.numel()]
     return c1 + mean.to(dtype)
 
 
@@ -179,13 +185,27 @@ def check_blocks(block: int, block2: int) -> None:
         raise ValueError(f"block must be even (two 4-bit codes per byte), got {block}")
 
 
+class DequantMatmul(torch.autograd.Function):
+    """y = x W~^T for a QuantLinear, keeping nothing of W~ for the backward pass: the backward de-quantises
+    again (as QLoRA's 4-bit matmul does), so training never holds the float weights of the frozen base."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, dtype
+        return x @ layer.dequantize(dtype).T  # [..., in] @ [in, out]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad @ ctx.layer.dequantize(ctx.dtype), None, None  # [..., out] @ [out, in]
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer stored as NF4 codes with double-quantised scales (see the box above).
 
     Buffers: `qweight` uint8 [nb * block / 2] (two codes a byte), `absmax_q` uint8 [nb] (the 8-bit codes of
     the scales), `absmax_scale` [ceil(nb / block2)] and `absmax_mean` [] (in the weight's dtype); nb =
     ceil(out * in / block). The bias stays the float nn.Parameter of the layer it replaces (shared).
-    forward: y = x W~^T + b, W~ de-quantised on every call in the compute dtype.
+    forward: y = x W~^T + b, W~ de-quantised on every call in the compute dtype and again in backward (never kept).
     """
 
     def __init__(self, linear: nn.Linear, block: int = 64, block2: int = 256,
@@ -219,12 +239,13 @@ class QuantLinear(nn.Module):
         work, n = work_dtype(dtype), self.out_features * self.in_features
         absmax = double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_mean, self.block2, work)  # [nb]
         codes = unpack_4bit(self.qweight, absmax.numel() * self.block).view(-1, self.block)  # [nb, block]
-        return dequantize_blockwise(codes, absmax, nf4_code())[:n].view(self.out_features, self.in_features).to(dtype)
+        code = code_on(nf4_code, absmax.device, absmax.dtype)
+        return dequantize_blockwise(codes, absmax, code)[:n].view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or self.weight_dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.dequantize(dtype), bias).to(x.dtype)  # [..., in] -> [..., out]
+        y = DequantMatmul.apply(x.to(dtype), self, dtype)  # [..., in] -> [..., out]
+        return (y if self.bias is None else y + self.bias.to(dtype)).to(x.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of the stored weight: the codes and the quantised scales (not the bias)."""

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 
 from chapters.ch4_low_rank.lora import LoRALinear, apply_lora, count_lora, target_shapes
-from minimal.hooks import Hooks
+from minimal.hooks import Hooks, lr_at
 from minimal.peft import unfreeze
 
 if TYPE_CHECKING:
@@ -132,29 +132,19 @@ def restart_steps(total_steps: int, period: int, warm_start: int = 0) -> list[in
     return first + list(range(warm_start + period, total_steps, period))
 
 
-def loop_lr(step: int, cfg: Any) -> float:
-    """The shared loop's lr at `step` (minimal/train.py's lr_at, written out so that this file needs torch only):
-    linear warmup over cfg.warmup steps, then cosine from cfg.lr down to cfg.lr * cfg.min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def jagged_cosine_lr(step: int, cfg: Any, restarts: list[int], restart_warmup: int) -> float:
     """The loop's warmup + cosine envelope, re-warmed linearly from 0 over restart_warmup steps at each restart."""
     for t_k in restarts:
         if t_k <= step < t_k + restart_warmup:
-            return (step - t_k) / restart_warmup * loop_lr(t_k + restart_warmup, cfg)
-    return loop_lr(step, cfg)
+            return (step - t_k) / restart_warmup * lr_at(t_k + restart_warmup, cfg)
+    return lr_at(step, cfg)
 
 
 def set_lr_scale(optimizer: torch.optim.Optimizer, step: int, cfg: Any, restarts: list[int], warmup: int) -> None:
     """lr_scale of every group, so that the loop's lr (envelope x lr_scale) is the jagged lr at `step`."""
     if step >= cfg.steps:
         return
-    env = loop_lr(step, cfg)
+    env = lr_at(step, cfg)
     scale = jagged_cosine_lr(step, cfg, restarts, warmup) / env if env > 0 else 0.0
     for group in optimizer.param_groups:
         group["lr_scale"] = scale

@@ -62,7 +62,7 @@ from chapters.ch5_applications.tabllm import (
 )
 from minimal.data import get_tokenizer
 from minimal.hooks import Hooks
-from minimal.peft import unfreeze
+from minimal.peft import freeze, unfreeze
 from minimal.tokenizer import special_id
 from minimal.train import TrainConfig, TrainResult, train
 
@@ -283,9 +283,7 @@ def priors_model(base: nn.Module, task: TabularTask, steps: int = 40, seed: int 
     """A copy of `base` after continued pretraining on the task's prior sentences (frozen again, eval mode)."""
     model = copy.deepcopy(base)
     pretrain_priors(model, prior_sentences(task), steps=steps, seed=seed, progress=progress)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return freeze(model).eval()
 
 
 # ------------------------------------------------------------------------------------------ experiments

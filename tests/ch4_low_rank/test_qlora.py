@@ -173,6 +173,20 @@ def test_quant_linear_forward_is_linear_on_the_dequantised_weight() -> None:
     assert (w - lin.weight).abs().max() <= 1.01 * bound
 
 
+def test_backward_keeps_no_weight_sized_tensor_and_gives_the_dense_input_gradient() -> None:
+    """The point of QLoRA's memory figure: autograd saves nothing of the size of W~ (it is rebuilt in backward)."""
+    lin = layer()  # [77, 130]
+    q = QuantLinear(lin)
+    x = torch.randn(3, 130, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = q(x)
+    assert lin.weight.numel() not in saved and max(saved, default=0) < lin.weight.numel()
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ q.dequantize())
+
+
 def test_quantised_tiny_gpt_keeps_the_float_loss() -> None:
     """A tiny GPT trained to a low loss on fixed sequences keeps its loss once every block linear is NF4."""
     model = tiny_gpt(eval_mode=False)

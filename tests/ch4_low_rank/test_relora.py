@@ -11,7 +11,6 @@ from chapters.ch4_low_rank.relora import (
     apply_relora,
     count_relora,
     jagged_cosine_lr,
-    loop_lr,
     merge_and_reinit,
     prune_optimizer_state,
     restart_steps,
@@ -85,12 +84,6 @@ def test_jagged_schedule() -> None:
         assert lr[t_k + 2] == pytest.approx(0.4 * lr_at(t_k + 5, cfg))
     assert all(lr[t] == lr_at(t, cfg) for t in range(40) if t not in range(40, 45))
     assert lr[9] == pytest.approx(1e-3)  # end of the first warmup: peak
-
-
-def test_loop_lr_is_the_training_loops_schedule() -> None:
-    for cfg in (TrainConfig(steps=120, lr=1e-3, warmup=10), TrainConfig(steps=7, lr=0.3, warmup=0, min_lr_ratio=0.0),
-                TrainConfig(steps=50, lr=2e-2, warmup=50, min_lr_ratio=0.5)):
-        assert [loop_lr(t, cfg) for t in range(cfg.steps + 3)] == [lr_at(t, cfg) for t in range(cfg.steps + 3)]
 
 
 def test_training_restarts_keep_function_and_prune_state() -> None:

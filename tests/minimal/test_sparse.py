@@ -3,7 +3,7 @@ import torch
 
 from minimal.gpt import GPT, GPTConfig
 from minimal.hooks import Hooks
-from minimal.peft import count_trainable, freeze
+from minimal.peft import count_trainable, freeze, trained_before
 from minimal.sparse import (
     GradMask,
     SparseDelta,
@@ -18,7 +18,6 @@ from minimal.sparse import (
     squared_batch_gradient,
     sum_batch_gradients,
     topk_mask,
-    trained_before,
 )
 from minimal.train import TrainConfig, train
 
